@@ -1,0 +1,3 @@
+from dsjax.cli import main
+
+raise SystemExit(main())

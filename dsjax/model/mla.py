@@ -1,0 +1,90 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3).
+
+Keys and values are compressed into one latent `c_kv` of `kv_lora_rank` values per
+token, plus one rope key `k_pe` of `qk_rope_head_dim` values shared by all heads.
+
+Two paths compute the same function:
+- `attention` (training/prefill): expand the latent to per-head keys and values.
+- `decode_attention` (generation): never expand. The key up-projection is absorbed
+  into the query (q_nope @ W_uk) and the value up-projection is applied after the
+  weighted sum of latents, so the cache holds only `kv_lora_rank + qk_rope_head_dim`
+  values per token per layer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import ModelConfig
+from dsjax.model.layers import apply_rope, rms_norm, softmax_scale
+
+
+def _queries(p, x_BTD, c: ModelConfig):
+    dtype = x_BTD.dtype
+    if c.q_lora_rank is None:
+        q_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, p["q_proj"]["kernel"].astype(dtype))
+    else:
+        cq_BTQ = rms_norm(x_BTD @ p["q_a_proj"]["kernel"].astype(dtype), p["q_a_layernorm"]["scale"], c.rms_norm_eps)
+        q_BTHK = jnp.einsum("btq,qhk->bthk", cq_BTQ, p["q_b_proj"]["kernel"].astype(dtype))
+    return q_BTHK[..., : c.qk_nope_head_dim], q_BTHK[..., c.qk_nope_head_dim :]
+
+
+def latents(p, x_BTD, cos, sin, c: ModelConfig):
+    """The per-token cache entries: normed latent c_kv [B,T,C] and rotated rope key k_pe [B,T,R]."""
+    kv_a = x_BTD @ p["kv_a_proj_with_mqa"]["kernel"].astype(x_BTD.dtype)
+    ckv_BTC = rms_norm(kv_a[..., : c.kv_lora_rank], p["kv_a_layernorm"]["scale"], c.rms_norm_eps)
+    kpe_BTR = apply_rope(kv_a[..., c.kv_lora_rank :], cos, sin)
+    return ckv_BTC, kpe_BTR
+
+
+def attention(p, x_BTD, cos, sin, c: ModelConfig):
+    """Causal self-attention over the whole sequence (training path)."""
+    dtype = x_BTD.dtype
+    T = x_BTD.shape[1]
+    q_nope, q_pe = _queries(p, x_BTD, c)
+    q_pe = apply_rope(q_pe, cos, sin)
+    ckv_BTC, kpe_BTR = latents(p, x_BTD, cos, sin, c)
+    kv_BTHK = jnp.einsum("btc,chk->bthk", ckv_BTC, p["kv_b_proj"]["kernel"].astype(dtype))
+    k_nope, v_BTHV = kv_BTHK[..., : c.qk_nope_head_dim], kv_BTHK[..., c.qk_nope_head_dim :]
+    scores_BHTS = (
+        jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+        + jnp.einsum("bthr,bsr->bhts", q_pe, kpe_BTR, preferred_element_type=jnp.float32)
+    ) * softmax_scale(c)
+    causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
+    scores_BHTS = jnp.where(causal_TS, scores_BHTS, -jnp.inf)
+    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
+    out_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_BTHV)
+    return jnp.einsum("bthv,hvd->btd", out_BTHV, p["o_proj"]["kernel"].astype(dtype))
+
+
+def decode_attention(p, x_BTD, cos, sin, cache_ckv_BSC, cache_kpe_BSR, start, c: ModelConfig):
+    """Attention for tokens at positions start..start+T-1 against a latent cache.
+
+    Writes this chunk's latents into the cache at `start` and attends over every
+    cached position <= the query's own. Returns (out_BTD, cache_ckv, cache_kpe).
+    """
+    dtype = x_BTD.dtype
+    T, S = x_BTD.shape[1], cache_ckv_BSC.shape[1]
+    q_nope, q_pe = _queries(p, x_BTD, c)
+    q_pe = apply_rope(q_pe, cos, sin)
+    ckv_BTC, kpe_BTR = latents(p, x_BTD, cos, sin, c)
+    cache_ckv_BSC = jax.lax.dynamic_update_slice(cache_ckv_BSC, ckv_BTC.astype(cache_ckv_BSC.dtype), (0, start, 0))
+    cache_kpe_BSR = jax.lax.dynamic_update_slice(cache_kpe_BSR, kpe_BTR.astype(cache_kpe_BSR.dtype), (0, start, 0))
+
+    w_kv = p["kv_b_proj"]["kernel"].astype(dtype)
+    w_uk_CHK, w_uv_CHV = w_kv[..., : c.qk_nope_head_dim], w_kv[..., c.qk_nope_head_dim :]
+    q_latent_BTHC = jnp.einsum("bthk,chk->bthc", q_nope, w_uk_CHK)
+    ckv = cache_ckv_BSC.astype(dtype)
+    scores_BHTS = (
+        jnp.einsum("bthc,bsc->bhts", q_latent_BTHC, ckv, preferred_element_type=jnp.float32)
+        + jnp.einsum("bthr,bsr->bhts", q_pe, cache_kpe_BSR.astype(dtype), preferred_element_type=jnp.float32)
+    ) * softmax_scale(c)
+    query_pos_T = start + jnp.arange(T)
+    visible_TS = jnp.arange(S)[None, :] <= query_pos_T[:, None]
+    scores_BHTS = jnp.where(visible_TS, scores_BHTS, -jnp.inf)
+    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
+    out_latent_BTHC = jnp.einsum("bhts,bsc->bthc", probs_BHTS, ckv)
+    out_BTHV = jnp.einsum("bthc,chv->bthv", out_latent_BTHC, w_uv_CHV)
+    out_BTD = jnp.einsum("bthv,hvd->btd", out_BTHV, p["o_proj"]["kernel"].astype(dtype))
+    return out_BTD, cache_ckv_BSC, cache_kpe_BSR

@@ -1,0 +1,116 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed SwiGLU experts.
+
+Routing (DeepSeek-V3):
+- affinities s = sigmoid(x @ W_gate) (softmax selectable for V2-style models);
+- the per-expert bias b (`e_score_correction_bias`) is added only to *choose*
+  experts: groups are ranked by the sum of their top-2 biased scores, the best
+  `topk_group` of `n_group` groups are kept, and the top `num_experts_per_tok`
+  experts are taken from those;
+- gate values come from the unbiased s of the chosen experts, normalised over
+  them when `norm_topk_prob`, times `routed_scaling_factor`. No token is dropped.
+
+Balancing: the aux-loss-free bias update (b += speed * sign(mean load - load))
+is applied by the trainer from the `expert_load` this module returns; the small
+sequence-wise balance loss alpha * sum_i f_i P_i is returned as `balance_loss`.
+
+Two compute paths give the same result: `dense` runs every expert on every token
+and masks with the gate values (fastest on CPU for few experts), `ragged` sorts
+token copies by expert and uses `jax.lax.ragged_dot` (no wasted FLOPs; for GPU).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import ModelConfig
+from dsjax.model.layers import swiglu
+
+
+def route(logits_TE, bias_E, c: ModelConfig):
+    """Returns (expert_idx_TK, gate_TK, scores_TE) from fp32 router logits."""
+    if c.scoring_func == "sigmoid":
+        scores_TE = jax.nn.sigmoid(logits_TE)
+    else:
+        scores_TE = jax.nn.softmax(logits_TE, axis=-1)
+    choice_TE = jax.lax.stop_gradient(scores_TE) + jax.lax.stop_gradient(bias_E)
+    if c.n_group > 1:
+        T, E = choice_TE.shape
+        grouped_TGe = choice_TE.reshape(T, c.n_group, E // c.n_group)
+        group_score_TG = jax.lax.top_k(grouped_TGe, 2)[0].sum(-1)
+        _, best_groups = jax.lax.top_k(group_score_TG, c.topk_group)
+        keep_TG = jnp.zeros_like(group_score_TG, dtype=bool).at[jnp.arange(T)[:, None], best_groups].set(True)
+        keep_TE = jnp.repeat(keep_TG, E // c.n_group, axis=1)
+        choice_TE = jnp.where(keep_TE, choice_TE, -jnp.inf)
+    _, expert_idx_TK = jax.lax.top_k(choice_TE, c.num_experts_per_tok)
+    gate_TK = jnp.take_along_axis(scores_TE, expert_idx_TK, axis=-1)
+    if c.norm_topk_prob:
+        gate_TK = gate_TK / (gate_TK.sum(-1, keepdims=True) + 1e-20)
+    return expert_idx_TK, gate_TK * c.routed_scaling_factor, scores_TE
+
+
+def balance_loss(scores_BTE, expert_idx_BTK, c: ModelConfig):
+    """Sequence-wise balance loss of DeepSeek-V3 (eqs. 17-20), averaged over sequences."""
+    E, K = c.n_routed_experts, c.num_experts_per_tok
+    T = scores_BTE.shape[1]
+    normed_BTE = scores_BTE / (scores_BTE.sum(-1, keepdims=True) + 1e-20)
+    p_BE = normed_BTE.mean(axis=1)
+    counts_BE = jax.nn.one_hot(expert_idx_BTK, E, dtype=jnp.float32).sum(axis=(1, 2))
+    f_BE = counts_BE * E / (K * T)
+    return c.aux_loss_alpha * jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
+
+
+def _experts_dense(experts, x_TD, expert_idx_TK, gate_TK):
+    dtype = x_TD.dtype
+    E = experts["gate_proj"].shape[0]
+    combine_TE = jnp.sum(jax.nn.one_hot(expert_idx_TK, E, dtype=jnp.float32) * gate_TK[..., None], axis=1)
+    hidden_TEF = jax.nn.silu(jnp.einsum("td,edf->tef", x_TD, experts["gate_proj"].astype(dtype))) * jnp.einsum(
+        "td,edf->tef", x_TD, experts["up_proj"].astype(dtype)
+    )
+    hidden_TEF = hidden_TEF * combine_TE.astype(dtype)[..., None]
+    return jnp.einsum("tef,efd->td", hidden_TEF, experts["down_proj"].astype(dtype))
+
+
+def _experts_ragged(experts, x_TD, expert_idx_TK, gate_TK):
+    dtype = x_TD.dtype
+    T, K = expert_idx_TK.shape
+    E = experts["gate_proj"].shape[0]
+    flat_expert_N = expert_idx_TK.reshape(-1)
+    order_N = jnp.argsort(flat_expert_N, stable=True)
+    token_N = order_N // K
+    group_sizes_E = jnp.bincount(flat_expert_N, length=E).astype(jnp.int32)
+    x_ND = x_TD[token_N]
+    hidden_NF = jax.nn.silu(
+        jax.lax.ragged_dot(x_ND, experts["gate_proj"].astype(dtype), group_sizes_E)
+    ) * jax.lax.ragged_dot(x_ND, experts["up_proj"].astype(dtype), group_sizes_E)
+    out_ND = jax.lax.ragged_dot(hidden_NF, experts["down_proj"].astype(dtype), group_sizes_E)
+    out_ND = out_ND * gate_TK.reshape(-1)[order_N].astype(dtype)[:, None]
+    return jnp.zeros_like(x_TD).at[token_N].add(out_ND)
+
+
+def resolve_impl(impl: str) -> str:
+    if impl == "auto":
+        return "dense" if jax.default_backend() == "cpu" else "ragged"
+    return impl
+
+
+def moe(p, x_BTD, c: ModelConfig, impl: str = "auto"):
+    """Returns (out_BTD, balance_loss, expert_load_E) where load is each expert's share of routed slots."""
+    B, T, D = x_BTD.shape
+    x_TD = x_BTD.reshape(B * T, D)
+    logits_TE = jnp.dot(x_TD, p["gate"]["kernel"].astype(x_TD.dtype), preferred_element_type=jnp.float32)
+    expert_idx_TK, gate_TK, scores_TE = route(logits_TE, p["gate"]["e_score_correction_bias"], c)
+    experts_fn = _experts_dense if resolve_impl(impl) == "dense" else _experts_ragged
+    out_TD = experts_fn(p["experts"], x_TD, expert_idx_TK, gate_TK)
+    if "shared_experts" in p:
+        s = p["shared_experts"]
+        out_TD = out_TD + swiglu(x_TD, s["gate_proj"]["kernel"], s["up_proj"]["kernel"], s["down_proj"]["kernel"])
+    K, E = c.num_experts_per_tok, c.n_routed_experts
+    aux_loss = balance_loss(scores_TE.reshape(B, T, E), expert_idx_TK.reshape(B, T, K), c)
+    load_E = jnp.bincount(expert_idx_TK.reshape(-1), length=E).astype(jnp.float32) / (B * T * K)
+    return out_TD.reshape(B, T, D), aux_loss, load_E
+
+
+def bias_update(bias_E, load_E, speed: float):
+    """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
+    return bias_E + speed * jnp.sign(jnp.mean(load_E) - load_E)

@@ -1,0 +1,164 @@
+"""The decoder: embedding -> decoder layers (dense first, then MoE) -> norm -> head, plus MTP modules.
+
+`forward` is the training/eval path over whole sequences. `decode_step` runs a
+chunk of tokens (a prompt, or one new token) against the per-layer latent cache
+and is what generation jits. Both are pure functions of (params, tokens, config).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import ModelConfig, resolve_compute_dtype
+from dsjax.model import mla
+from dsjax.model.layers import rms_norm, rope_cos_sin, swiglu
+from dsjax.model.moe import bias_update, moe
+
+
+def compute_dtype(c: ModelConfig):
+    return jnp.dtype(resolve_compute_dtype(c, jax.default_backend()))
+
+
+def _feed_forward(p, h_BTD, c: ModelConfig, moe_impl: str):
+    """Returns (out, balance_loss, expert_load or None)."""
+    if "gate" in p:
+        return moe(p, h_BTD, c, moe_impl)
+    return swiglu(h_BTD, p["gate_proj"]["kernel"], p["up_proj"]["kernel"], p["down_proj"]["kernel"]), 0.0, None
+
+
+def decoder_layer(p, x_BTD, cos, sin, c: ModelConfig, moe_impl: str = "auto"):
+    h = rms_norm(x_BTD, p["input_layernorm"]["scale"], c.rms_norm_eps)
+    x_BTD = x_BTD + mla.attention(p["self_attn"], h, cos, sin, c)
+    h = rms_norm(x_BTD, p["post_attention_layernorm"]["scale"], c.rms_norm_eps)
+    out, aux_loss, load = _feed_forward(p["mlp"], h, c, moe_impl)
+    return x_BTD + out, aux_loss, load
+
+
+def _layer_fn(c: ModelConfig, moe_impl: str):
+    def fn(p, x, cos, sin):
+        return decoder_layer(p, x, cos, sin, c, moe_impl)
+
+    return jax.checkpoint(fn) if c.remat else fn
+
+
+def logits_from_hidden(params, h_BTD, norm_scale, c: ModelConfig):
+    """Final norm + output head; logits always fp32."""
+    h = rms_norm(h_BTD, norm_scale, c.rms_norm_eps)
+    if c.tie_word_embeddings:
+        head_DV = params["embed_tokens"]["embedding"].T
+    else:
+        head_DV = params["lm_head"]["kernel"]
+    return jnp.dot(h, head_DV.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def embed(params, tokens_BT, dtype):
+    return params["embed_tokens"]["embedding"][tokens_BT].astype(dtype)
+
+
+def layer_names(params) -> list[str]:
+    return sorted(params["layers"], key=int)
+
+
+def forward(params, tokens_BT, c: ModelConfig, *, with_mtp: bool = False, moe_impl: str = "auto"):
+    """Returns (logits_BTV fp32, aux).
+
+    aux: balance_loss (sum over MoE layers, MTP included), expert_load [n_moe, E]
+    (rows in `moe_layer_paths` order), and when `with_mtp`, mtp_logits [D, B, T, V]:
+    module k (1-based) at position i predicts token i + k + 1; its last k positions
+    see wrapped-around inputs and must be masked by the loss.
+    """
+    dtype = compute_dtype(c)
+    B, T = tokens_BT.shape
+    cos, sin = rope_cos_sin(c, jnp.arange(T)[None, :])
+    x_BTD = embed(params, tokens_BT, dtype)
+    layer = _layer_fn(c, moe_impl)
+    total_aux = jnp.zeros((), jnp.float32)
+    loads = []
+    for name in layer_names(params):
+        x_BTD, aux_loss, load = layer(params["layers"][name], x_BTD, cos, sin)
+        total_aux = total_aux + aux_loss
+        if load is not None:
+            loads.append(load)
+    logits_BTV = logits_from_hidden(params, x_BTD, params["norm"]["scale"], c)
+    aux: dict[str, Any] = {}
+    if with_mtp and "mtp" in params:
+        h_BTD = x_BTD
+        mtp_logits = []
+        for k, name in enumerate(sorted(params["mtp"], key=int), start=1):
+            m = params["mtp"][name]
+            next_emb = embed(params, jnp.roll(tokens_BT, -k, axis=1), dtype)
+            merged = jnp.concatenate(
+                [
+                    rms_norm(next_emb, m["enorm"]["scale"], c.rms_norm_eps),
+                    rms_norm(h_BTD, m["hnorm"]["scale"], c.rms_norm_eps),
+                ],
+                axis=-1,
+            )
+            h_BTD = merged @ m["eh_proj"]["kernel"].astype(dtype)
+            h_BTD, aux_loss, load = layer(m["block"], h_BTD, cos, sin)
+            total_aux = total_aux + aux_loss
+            if load is not None:
+                loads.append(load)
+            mtp_logits.append(logits_from_hidden(params, h_BTD, m["shared_head_norm"]["scale"], c))
+        aux["mtp_logits"] = jnp.stack(mtp_logits)
+    aux["balance_loss"] = total_aux
+    aux["expert_load"] = jnp.stack(loads) if loads else jnp.zeros((0, max(c.n_routed_experts, 1)))
+    return logits_BTV, aux
+
+
+def moe_layer_paths(c: ModelConfig, with_mtp: bool = True) -> list[tuple[str, ...]]:
+    """Paths (into params) of every MoE feed-forward, in the order of aux['expert_load'] rows."""
+    paths = [("layers", str(i), "mlp") for i in range(c.num_hidden_layers) if c.is_moe_layer(i)]
+    if with_mtp and c.n_routed_experts > 0:
+        paths += [("mtp", str(k), "block", "mlp") for k in range(c.num_nextn_predict_layers)]
+    return paths
+
+
+def apply_bias_updates(params, expert_load, c: ModelConfig, with_mtp: bool = True):
+    """New params with each router's e_score_correction_bias nudged toward uniform load."""
+    paths = moe_layer_paths(c, with_mtp)
+    if not paths:
+        return params
+    params = jax.tree.map(lambda x: x, params)  # shallow-copy every dict level
+    for row, path in enumerate(paths):
+        node = params
+        for key in path:
+            node = node[key]
+        gate = node["gate"]
+        gate["e_score_correction_bias"] = bias_update(gate["e_score_correction_bias"], expert_load[row], c.bias_update_speed)
+    return params
+
+
+# --- cached decoding -----------------------------------------------------------------
+
+
+def init_cache(c: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
+    """Latent cache: per layer, kv_lora_rank + qk_rope_head_dim values per token."""
+    L = c.num_hidden_layers
+    return {
+        "ckv": jnp.zeros((L, batch, max_len, c.kv_lora_rank), dtype),
+        "kpe": jnp.zeros((L, batch, max_len, c.qk_rope_head_dim), dtype),
+    }
+
+
+def decode_step(params, tokens_BT, cache, start, c: ModelConfig, *, moe_impl: str = "auto"):
+    """Run tokens at positions start..start+T-1 with the cache; returns (logits_BTV, cache)."""
+    dtype = compute_dtype(c)
+    B, T = tokens_BT.shape
+    cos, sin = rope_cos_sin(c, (start + jnp.arange(T))[None, :])
+    x_BTD = embed(params, tokens_BT, dtype)
+    new_ckv, new_kpe = [], []
+    for i, name in enumerate(layer_names(params)):
+        p = params["layers"][name]
+        h = rms_norm(x_BTD, p["input_layernorm"]["scale"], c.rms_norm_eps)
+        attn, ckv, kpe = mla.decode_attention(p["self_attn"], h, cos, sin, cache["ckv"][i], cache["kpe"][i], start, c)
+        new_ckv.append(ckv)
+        new_kpe.append(kpe)
+        x_BTD = x_BTD + attn
+        h = rms_norm(x_BTD, p["post_attention_layernorm"]["scale"], c.rms_norm_eps)
+        x_BTD = x_BTD + _feed_forward(p["mlp"], h, c, moe_impl)[0]
+    logits_BTV = logits_from_hidden(params, x_BTD, params["norm"]["scale"], c)
+    return logits_BTV, {"ckv": jnp.stack(new_ckv), "kpe": jnp.stack(new_kpe)}
