@@ -1,17 +1,165 @@
-"""The `dsjax` command line: what users type."""
+"""The `dsjax` command line: what users type.
+
+    dsjax download  [--out data/stories] [--from PATH] [--max-stories N] [--version v1|v2]
+    dsjax run       [--model-size nano|tiny|small|medium] [--config FILE] [--stages data_prep,pretrain] ...
+    dsjax generate  --checkpoint checkpoints/<run>/final --prompt "Once upon a time"
+    dsjax info      [--model-size ...] [--config FILE]
+
+Flags override the config file, which overrides the size preset.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import logging
 import sys
+from pathlib import Path
 
 from dsjax.config import MODEL_SIZES, ConfigError, load_config
 
+log = logging.getLogger("dsjax")
+
+STAGES = ("data_prep", "pretrain", "sft", "grpo", "export")
+AVAILABLE_STAGES = ("data_prep", "pretrain")
+BACKENDS = ("jax", "mlx")
+
+# flag dest -> (config block, key)
+RUN_OVERRIDES = {
+    "max_steps": ("training", "max_steps"),
+    "batch_size": ("training", "batch_size"),
+    "grad_accum": ("training", "gradient_accumulation_steps"),
+    "seq_len": ("training", "seq_len"),
+    "learning_rate": ("training", "learning_rate"),
+    "warmup_steps": ("training", "warmup_steps"),
+    "run_name": ("training", "run_name"),
+    "eval_interval": ("training", "eval_interval"),
+    "eval_batches": ("training", "eval_batches"),
+    "checkpoint_interval": ("training", "checkpoint_interval"),
+    "log_interval": ("training", "log_interval"),
+    "data_dir": ("training", "data_dir"),
+    "work_dir": ("training", "work_dir"),
+    "checkpoint_dir": ("training", "checkpoint_dir"),
+    "output_dir": ("training", "output_dir"),
+    "seed": ("training", "seed"),
+}
+
+
+class UsageError(ValueError):
+    pass
+
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-size", choices=MODEL_SIZES, default="nano", help="size preset (configs/<size>.json)")
+    parser.add_argument("--model-size", choices=MODEL_SIZES, default="nano", help="size preset, configs/<size>.json (default nano)")
     parser.add_argument("--config", metavar="FILE", help="JSON config layered over the size preset")
+
+
+def parse_stages(text: str) -> list[str]:
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    if not stages:
+        raise UsageError("--stages is empty; use e.g. data_prep,pretrain")
+    for stage in stages:
+        if stage not in STAGES:
+            close = difflib.get_close_matches(stage, STAGES, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UsageError(f"--stages: unknown stage '{stage}'{hint} (stages: {', '.join(STAGES)})")
+        if stage not in AVAILABLE_STAGES:
+            raise UsageError(
+                f"--stages: stage '{stage}' is not implemented yet (available: {', '.join(AVAILABLE_STAGES)})"
+            )
+    return stages
+
+
+def resolve_run_config(args: argparse.Namespace):
+    overrides: dict[str, dict] = {"training": {}}
+    for dest, (block, key) in RUN_OVERRIDES.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            overrides.setdefault(block, {})[key] = value
+    return load_config(args.model_size, args.config, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dsjax.progress import console, setup_logging
+
+    setup_logging(args.verbose)
+    if args.backend != "jax":
+        raise UsageError(f"--backend {args.backend} is not implemented yet; use --backend jax")
+    stages = parse_stages(args.stages)
+    config = resolve_run_config(args)
+    run_name = config.training.run_name or args.model_size
+    console.print_json(json.dumps({"run_name": run_name, "stages": stages, **config.to_dict()}))
+
+    data_dir = Path(config.training.data_dir)
+    if "data_prep" in stages:
+        from dsjax.data.download import dataset_ready, download_from_hub
+
+        if dataset_ready(data_dir):
+            log.info("data_prep: %s already holds train/ and valid/; not downloading", data_dir)
+        else:
+            log.info("data_prep: downloading TinyStories into %s", data_dir)
+            download_from_hub(data_dir)
+    if "pretrain" in stages:
+        from dsjax.data.download import dataset_ready
+        from dsjax.train.loop import pretrain
+
+        if not dataset_ready(data_dir):
+            raise UsageError(
+                f"no data at {data_dir} (needs train/stories.jsonl and valid/stories.jsonl); "
+                "add the data_prep stage, run `dsjax download`, or pass --data-dir"
+            )
+        pretrain(config, run_name, resume=args.resume)
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from dsjax.data.download import download_from_hub, prepare_from_local
+    from dsjax.progress import setup_logging
+
+    setup_logging(False)
+    out = Path(args.out)
+    if args.source:
+        stats = prepare_from_local(Path(args.source), out, args.max_stories)
+    else:
+        stats = download_from_hub(out, args.version, args.max_stories)
+    for split, s in stats.items():
+        print(
+            f"{split}: {s.stories} stories -> {out / split / 'stories.jsonl'} "
+            f"(dropped {s.dropped_empty} empty, skipped {s.malformed} malformed, repaired {s.repaired} mojibake)"
+        )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dsjax.data.tokenizer import Tokenizer
+    from dsjax.infer.generate import SamplingConfig, generate_tokens, stream_text
+    from dsjax.train.checkpoint import load_final
+
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    sampling.validate()
+    params, config, tokenizer_path = load_final(Path(args.checkpoint))
+    tokenizer = Tokenizer(tokenizer_path)
+    prompt_ids = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
+    prompt_text = tokenizer.decode(prompt_ids)
+    sys.stdout.write(prompt_text)
+    sys.stdout.flush()
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    stats = stream_text(
+        generate_tokens(params, config.model, prompt_ids, sampling, eos_id=tokenizer.eos_id),
+        lambda ids: tokenizer.decode(prompt_ids + ids)[len(prompt_text):],
+        write,
+    )
+    sys.stdout.write("\n")
+    print(
+        f"[{stats['tokens']} tokens in {stats['seconds']:.2f}s, {stats['tokens_per_sec']:.1f} tokens/s after the first]",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -34,6 +182,48 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train small DeepSeek-V3-style models (MLA, DeepSeekMoE, MTP) on TinyStories with JAX.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run pipeline stages (data_prep, pretrain)", description="Run pipeline stages.")
+    run.add_argument("--backend", choices=BACKENDS, default="jax")
+    _add_config_flags(run)
+    run.add_argument("--stages", default="data_prep,pretrain", help="comma-separated stages (default data_prep,pretrain)")
+    run.add_argument("--max-steps", type=int)
+    run.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    run.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    run.add_argument("--seq-len", type=int)
+    run.add_argument("--learning-rate", type=float)
+    run.add_argument("--warmup-steps", type=int)
+    run.add_argument("--run-name", help="name under checkpoints/ and outputs/ (default: the model size)")
+    run.add_argument("--eval-interval", type=int)
+    run.add_argument("--eval-batches", type=int, help="valid batches per eval (0 = the whole valid split)")
+    run.add_argument("--checkpoint-interval", type=int)
+    run.add_argument("--log-interval", type=int)
+    run.add_argument("--data-dir", help="folder with train/ and valid/ stories.jsonl (default data/stories)")
+    run.add_argument("--work-dir", help="where tokenizers and token caches go (default data)")
+    run.add_argument("--checkpoint-dir", help="default checkpoints")
+    run.add_argument("--output-dir", help="default outputs")
+    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this run")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--verbose", action="store_true", help="debug logging (or set LOG_LEVEL)")
+    run.set_defaults(func=cmd_run)
+
+    download = sub.add_parser("download", help="fetch TinyStories (or convert local files) into train/ + valid/ JSONL")
+    download.add_argument("--out", default="data/stories", help="output folder (default data/stories)")
+    download.add_argument("--from", dest="source", metavar="PATH", help="local .txt/.jsonl file or folder instead of the hub")
+    download.add_argument("--max-stories", type=int, help="stop after N stories per split")
+    download.add_argument("--version", choices=("v1", "v2"), default="v1", help="v1 (default) or v2 (GPT-4 only)")
+    download.set_defaults(func=cmd_download)
+
+    gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
+    gen.add_argument("--checkpoint", required=True, help="a final/ folder, e.g. checkpoints/nano/final")
+    gen.add_argument("--prompt", default="Once upon a time")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+
     info = sub.add_parser("info", help="show the resolved config's parameter counts")
     _add_config_flags(info)
     info.add_argument("--json", action="store_true", help="print the resolved config and counts as JSON")
@@ -47,11 +237,27 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from dsjax.data.download import DownloadError
+    from dsjax.data.pipeline import DataError
+    from dsjax.data.tokenizer import TokenizerError
+    from dsjax.infer.generate import SamplingError
+
     try:
         return args.func(args)
     except ConfigError as err:
         print(f"dsjax: config error: {err}", file=sys.stderr)
         return 2
+    except (UsageError, DownloadError, TokenizerError, DataError, SamplingError, FileNotFoundError) as err:
+        print(f"dsjax: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dsjax: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as err:
+        if err.__class__.__name__ == "TrainingDiverged":
+            print(f"dsjax: {err}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

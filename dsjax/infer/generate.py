@@ -1,0 +1,138 @@
+"""Jitted sampling with the MLA latent cache: prefill once, then one token per step."""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+
+from dsjax import model
+from dsjax.config import ModelConfig
+
+
+class SamplingError(ValueError):
+    """Bad sampling flags or prompt."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise SamplingError(f"--max-new-tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise SamplingError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise SamplingError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def sample_token(logits_BV, rng, s: SamplingConfig):
+    """Greedy at temperature 0; otherwise temperature, then top-k and top-p filtering."""
+    if s.temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1)
+    logits = logits_BV / s.temperature
+    if s.top_k:
+        kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if s.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        cutoff_index = jnp.sum(cumulative < s.top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(c: ModelConfig, s: SamplingConfig):
+    @jax.jit
+    def prefill(params, prompt_BT, cache, rng):
+        logits, cache = model.decode_step(params, prompt_BT, cache, 0, c)
+        return sample_token(logits[:, -1], rng, s), cache
+
+    @jax.jit
+    def step(params, token_B, cache, position, rng):
+        logits, cache = model.decode_step(params, token_B[:, None], cache, position, c)
+        return sample_token(logits[:, -1], rng, s), cache
+
+    return prefill, step
+
+
+def generate_tokens(params, c: ModelConfig, prompt_ids: list[int], s: SamplingConfig, eos_id: int | None = None) -> Iterator[int]:
+    """Yields new token ids one at a time (stops at EOS, which is not yielded, or the length limit)."""
+    s.validate()
+    if not prompt_ids:
+        raise SamplingError("the prompt must have at least one token")
+    max_len = min(len(prompt_ids) + s.max_new_tokens, c.max_position_embeddings)
+    if len(prompt_ids) >= max_len:
+        raise SamplingError(f"prompt of {len(prompt_ids)} tokens leaves no room under max_position_embeddings={c.max_position_embeddings}")
+    prefill, step = _compiled(c, s)
+    cache = model.init_cache(c, batch=1, max_len=max_len)
+    rng = jax.random.key(s.seed)
+    rng, sub = jax.random.split(rng)
+    token, cache = prefill(params, jnp.asarray([prompt_ids], jnp.int32), cache, sub)
+    position, produced = len(prompt_ids), 0
+    while True:
+        value = int(token[0])
+        if eos_id is not None and value == eos_id:
+            return
+        yield value
+        produced += 1
+        if produced >= s.max_new_tokens or position >= max_len:
+            return
+        rng, sub = jax.random.split(rng)
+        token, cache = step(params, token, cache, jnp.int32(position), sub)
+        position += 1
+
+
+def generate_uncached_greedy(params, c: ModelConfig, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Reference path: full forward over a fixed-size buffer each step (causal, so padding is harmless)."""
+    total = len(prompt_ids) + max_new_tokens
+    buffer = jnp.zeros((1, total), jnp.int32).at[0, : len(prompt_ids)].set(jnp.asarray(prompt_ids))
+    forward = jax.jit(lambda p, x: model.forward(p, x, c)[0])
+    out = []
+    for position in range(len(prompt_ids), total):
+        logits = forward(params, buffer)
+        token = int(jnp.argmax(logits[0, position - 1]))
+        out.append(token)
+        buffer = buffer.at[0, position].set(token)
+    return out
+
+
+def stream_text(tokens: Iterator[int], decode: Callable[[list[int]], str], write: Callable[[str], None]) -> dict:
+    """Write text as tokens arrive (decoding the whole suffix so multi-byte characters come out whole)."""
+    ids: list[int] = []
+    shown = ""
+    start = time.perf_counter()
+    first_token_time = None
+    for token in tokens:
+        if first_token_time is None:
+            first_token_time = time.perf_counter()
+        ids.append(token)
+        text = decode(ids)
+        if not text.endswith("\ufffd"):
+            write(text[len(shown):])
+            shown = text
+    end = time.perf_counter()
+    text = decode(ids)
+    if len(text) > len(shown):
+        write(text[len(shown):])
+    decode_time = end - (first_token_time or end)
+    return {
+        "tokens": len(ids),
+        "seconds": end - start,
+        "tokens_per_sec": (len(ids) - 1) / decode_time if len(ids) > 1 and decode_time > 0 else 0.0,
+        "text": text,
+    }

@@ -1,0 +1,1 @@
+"""PRETRAIN: optimizer, jitted train/eval steps, checkpoints, metrics and the training loop."""

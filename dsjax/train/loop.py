@@ -1,0 +1,173 @@
+"""The PRETRAIN loop: data -> jitted steps -> eval, metrics, checkpoints, final/ and loss.png."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.config import Config
+from dsjax.data.pipeline import eval_batches, tokenize_split, train_dataset
+from dsjax.data.tokenizer import load_or_train_tokenizer
+from dsjax.progress import console, training_progress
+from dsjax.train import checkpoint
+from dsjax.train.metrics import MetricsWriter, finite, plot_losses
+from dsjax.train.step import abstract_state, init_state, make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradient norm became NaN/inf; the last good checkpoint is intact."""
+
+
+@dataclass
+class RunPaths:
+    checkpoints: Path
+    outputs: Path
+
+    @classmethod
+    def for_run(cls, config: Config, run_name: str) -> "RunPaths":
+        t = config.training
+        return cls(Path(t.checkpoint_dir) / run_name, Path(t.output_dir) / run_name)
+
+
+def evaluate(eval_step, params, split, config: Config) -> dict[str, float]:
+    """Next-token loss (nats/token) and bits per byte over the valid split (or its first eval_batches)."""
+    t = config.training
+    totals = jnp.zeros(3, jnp.float32)
+    for windows, byte_counts, weight in eval_batches(split, t.seq_len, t.batch_size, t.eval_batches):
+        totals = totals + jnp.stack(eval_step(params, windows, byte_counts, weight))
+    nats, tokens, text_bytes = (float(x) for x in totals)
+    return {"val_loss": nats / tokens, "val_bpb": nats / (math.log(2) * text_bytes), "val_tokens": tokens}
+
+
+def _mean_metrics(pending: list[dict]) -> dict[str, float]:
+    stacked = jax.device_get(pending)
+    return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def pretrain(config: Config, run_name: str, resume: bool = False) -> dict:
+    """Train per `config`; returns the summary written to training_log.json."""
+    t, c = config.training, config.model
+    paths = RunPaths.for_run(config, run_name)
+    data_dir = Path(t.data_dir)
+    tokenizer = load_or_train_tokenizer(data_dir, Path(t.work_dir), c.vocab_size)
+    train_split = tokenize_split(data_dir / "train" / "stories.jsonl", tokenizer, Path(t.work_dir), "train")
+    valid_split = tokenize_split(data_dir / "valid" / "stories.jsonl", tokenizer, Path(t.work_dir), "valid")
+    log.info(
+        "data: %d train stories (%d tokens), %d valid stories (%d tokens)",
+        train_split.stories, len(train_split.tokens), valid_split.stories, len(valid_split.tokens),
+    )
+    accum, micro = t.gradient_accumulation_steps, t.batch_size
+    dataset = train_dataset(
+        train_split, t.seq_len, micro * accum, t.seed, jax.process_index(), jax.process_count()
+    )
+    data_iter = iter(dataset)
+
+    manager = checkpoint.make_manager(paths.checkpoints, t.max_to_keep)
+    state = None
+    start_step, tokens_seen, wall_before = 0, 0, 0.0
+    if resume:
+        latest = manager.latest_step()
+        if latest is None:
+            log.warning("--resume: no checkpoint in %s; starting from scratch", paths.checkpoints)
+        else:
+            state, iter_state, training_state = checkpoint.restore_step(manager, latest, abstract_state(config))
+            data_iter.set_state(iter_state)
+            start_step = int(state.step)
+            tokens_seen = int(training_state.get("tokens_seen", 0))
+            wall_before = float(training_state.get("wall_time_sec", 0.0))
+            log.info("resumed from %s at step %d", paths.checkpoints / f"step_{latest}", start_step)
+    if state is None:
+        state = init_state(config, jax.random.key(t.seed))
+
+    writer = MetricsWriter(paths.outputs, resume=start_step > 0)
+    if start_step > 0:
+        writer.truncate_after(start_step)
+    (paths.outputs / "training_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    train_step = make_train_step(config)
+    eval_step = make_eval_step(config)
+    tokens_per_step = micro * accum * t.seq_len
+    best_val = math.inf
+    pending: list[dict] = []
+    run_start = time.perf_counter()
+    interval_start, interval_steps = run_start, 0
+
+    def training_state(step: int) -> dict:
+        return {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "best_val_loss": best_val if finite(best_val) else None,
+            "wall_time_sec": wall_before + time.perf_counter() - run_start,
+            "jax_version": jax.__version__,
+            "run_name": run_name,
+        }
+
+    def flush(step: int) -> dict[str, float]:
+        nonlocal pending
+        if not pending:
+            return {}
+        mean = _mean_metrics(pending)
+        pending = []
+        if not (finite(mean["loss"]) and finite(mean["grad_norm"])):
+            kept = manager.latest_step()
+            where = f"{paths.checkpoints}/step_{kept}" if kept is not None else "none saved yet"
+            raise TrainingDiverged(
+                f"loss became {mean['loss']} (grad norm {mean['grad_norm']}) by step {step}; "
+                f"stopped. Last good checkpoint: {where}. Lower --learning-rate or raise warmup_steps."
+            )
+        return mean
+
+    with training_progress() as progress:
+        task = progress.add_task("train", total=t.max_steps, completed=start_step, loss="-", lr="-", tps="-")
+        for step in range(start_step + 1, t.max_steps + 1):
+            batch = np.asarray(next(data_iter)).reshape(accum, micro, t.seq_len + 1)
+            state, metrics = train_step(state, batch)
+            pending.append(metrics)
+            tokens_seen += tokens_per_step
+            interval_steps += 1
+            is_last = step == t.max_steps
+            row: dict = {}
+            if step % t.log_interval == 0 or is_last:
+                mean = flush(step)
+                now = time.perf_counter()
+                tps = interval_steps * tokens_per_step / (now - interval_start)
+                interval_start, interval_steps = now, 0
+                row.update(mean, tokens_per_sec=tps)
+                progress.update(task, loss=f"{mean['loss']:.4f}", lr=f"{mean['lr']:.2e}", tps=f"{tps:,.0f}")
+                log.info(
+                    "step %d | loss %.4f | ce %.4f | lr %.2e | grad %.3f | %s tok/s",
+                    step, mean["loss"], mean["ce_loss"], mean["lr"], mean["grad_norm"], f"{tps:,.0f}",
+                )
+            if step % t.eval_interval == 0 or is_last:
+                flush(step)
+                ev = evaluate(eval_step, state.params, valid_split, config)
+                best_val = min(best_val, ev["val_loss"])
+                row.update(val_loss=ev["val_loss"], val_bpb=ev["val_bpb"])
+                log.info("step %d | val loss %.4f | val %.4f bits/byte", step, ev["val_loss"], ev["val_bpb"])
+                interval_start = time.perf_counter()  # eval time is not training throughput
+            if row:
+                row.update(step=step, tokens_seen=tokens_seen, elapsed_sec=wall_before + time.perf_counter() - run_start)
+                writer.write(row)
+            if step % t.checkpoint_interval == 0 or is_last:
+                flush(step)
+                checkpoint.save_step(manager, step, state, data_iter.get_state(), training_state(step), config)
+                log.debug("saved %s", paths.checkpoints / f"step_{step}")
+            progress.update(task, completed=step)
+
+    summary = training_state(t.max_steps)
+    final_dir = checkpoint.save_final(paths.checkpoints, state.params, config, summary, tokenizer.path)
+    writer.write_log(summary)
+    plot = plot_losses(writer.rows, paths.outputs / "loss.png", f"dsjax {run_name}")
+    manager.close()
+    console.print(f"[bold green]done[/] final checkpoint: {final_dir}  metrics: {writer.csv_path}  plot: {plot}")
+    return summary

@@ -1,0 +1,101 @@
+"""Run outputs: outputs/<run>/metrics.csv, training_log.json, training_config.json and loss.png."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+METRIC_COLUMNS = [
+    "step",
+    "loss",
+    "ce_loss",
+    "mtp_loss",
+    "balance_loss",
+    "val_loss",
+    "val_bpb",
+    "lr",
+    "grad_norm",
+    "tokens_per_sec",
+    "expert_imbalance",
+    "tokens_seen",
+    "elapsed_sec",
+]
+
+
+class MetricsWriter:
+    """Appends one CSV row per log interval (train columns averaged over the interval) or eval."""
+
+    def __init__(self, out_dir: Path, resume: bool):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.out_dir / "metrics.csv"
+        self.log_path = self.out_dir / "training_log.json"
+        self.rows: list[dict] = []
+        if resume and self.csv_path.is_file():
+            with open(self.csv_path) as f:
+                self.rows = [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        else:
+            with open(self.csv_path, "w", newline="") as f:
+                csv.writer(f).writerow(METRIC_COLUMNS)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, forget rows past the checkpoint being resumed (they will be recomputed)."""
+        self.rows = [r for r in self.rows if r.get("step") is not None and r["step"] <= step]
+        with open(self.csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            writer.writeheader()
+            for row in self.rows:
+                writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+
+    def write(self, row: dict) -> None:
+        clean = {k: row.get(k, "") for k in METRIC_COLUMNS}
+        self.rows.append(clean)
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow(clean)
+
+    def write_log(self, summary: dict) -> None:
+        self.log_path.write_text(json.dumps({"summary": summary, "history": self.rows}, indent=2, default=float))
+
+
+def _parse(value: str):
+    if value == "":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return int(number) if number.is_integer() and "." not in value and "e" not in value else number
+
+
+def plot_losses(rows: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float))]
+    val = [(r["step"], r["val_loss"]) for r in rows if isinstance(r.get("val_loss"), (int, float))]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train loss (incl. MTP + balance)", color="tab:blue", alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss (next token, nats)", color="tab:orange")
+        bpb = [(s, r["val_bpb"]) for r in rows for s in [r["step"]] if isinstance(r.get("val_bpb"), (int, float))]
+        if bpb:
+            ax.annotate(f"val {bpb[-1][1]:.3f} bits/byte", xy=val[-1], xytext=(-120, 30), textcoords="offset points",
+                        arrowprops={"arrowstyle": "->"})
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))

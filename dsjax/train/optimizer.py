@@ -1,0 +1,42 @@
+"""optax AdamW with warmup + cosine (or WSD) decay and global-norm clipping."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsjax.config import TrainingConfig
+
+
+def lr_schedule(t: TrainingConfig) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, then cosine / WSD / constant to `min_lr_ratio * learning_rate`."""
+    peak, floor = t.learning_rate, t.learning_rate * t.min_lr_ratio
+    warmup = min(t.warmup_steps, t.max_steps)
+    rest = max(t.max_steps - warmup, 1)
+    if t.lr_schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, rest, alpha=t.min_lr_ratio)
+    elif t.lr_schedule == "wsd":
+        decay = max(int(round(rest * t.wsd_decay_fraction)), 1)
+        after = optax.join_schedules(
+            [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay)], [rest - decay]
+        )
+    else:
+        after = optax.constant_schedule(peak)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(peak / warmup, peak, warmup - 1), after], [warmup])
+
+
+def decay_mask(params):
+    """Weight decay on matrices only: norms and biases (1-D leaves) are not decayed."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(t: TrainingConfig) -> optax.GradientTransformation:
+    # The routing bias gets zero gradient and no decay, so AdamW leaves it exactly
+    # unchanged; the trainer moves it with the aux-loss-free update instead.
+    return optax.chain(
+        optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
+        optax.adamw(lr_schedule(t), b1=t.beta1, b2=t.beta2, eps=1e-8, weight_decay=t.weight_decay, mask=decay_mask),
+    )

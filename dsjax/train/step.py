@@ -1,0 +1,80 @@
+"""The train state and the jitted train and eval steps (no host sync inside either)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from dsjax import model
+from dsjax.config import Config
+from dsjax.train.optimizer import lr_schedule, make_optimizer
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def init_state(config: Config, rng: jax.Array) -> TrainState:
+    params = model.init(config.model, rng)
+    opt_state = make_optimizer(config.training).init(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+
+def abstract_state(config: Config) -> TrainState:
+    return jax.eval_shape(lambda: init_state(config, jax.random.key(0)))
+
+
+def make_train_step(config: Config, moe_impl: str = "auto"):
+    """train_step(state, batch_ABT1) -> (state, metrics); A = gradient-accumulation microbatches."""
+    c, t = config.model, config.training
+    optimizer = make_optimizer(t)
+    schedule = lr_schedule(t)
+    grad_fn = jax.value_and_grad(lambda p, w: model.loss_fn(p, w, c, moe_impl=moe_impl), has_aux=True)
+
+    def train_step(state: TrainState, batch_ABT1):
+        A = batch_ABT1.shape[0]
+
+        def accumulate(carry, window_BT1):
+            (_, metrics), grads = grad_fn(state.params, window_BT1)
+            return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype),
+            jax.eval_shape(lambda: (state.params, grad_fn(state.params, batch_ABT1[0])[0][1])),
+        )
+        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, batch_ABT1)
+        grads = jax.tree.map(lambda g: g / A, grads)
+        metrics = jax.tree.map(lambda m: m / A, metrics)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        load = metrics.pop("expert_load")
+        params = model.apply_bias_updates(params, load, c)
+        if load.shape[0]:
+            metrics["expert_imbalance"] = jnp.mean(jnp.max(load, axis=-1) / jnp.mean(load, axis=-1))
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["lr"] = schedule(state.step)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(config: Config, moe_impl: str = "auto"):
+    """eval_step(params, windows_BT1, bytes_BT1, weight_B) -> (nats, tokens, bytes) summed over the batch."""
+    c = config.model
+
+    def eval_step(params, windows_BT1, bytes_BT1, weight_B):
+        logits_BTV, _ = model.forward(params, windows_BT1[:, :-1], c, moe_impl=moe_impl)
+        nll_BT = model.token_cross_entropy(logits_BTV, windows_BT1[:, 1:])
+        nats = jnp.sum(nll_BT * weight_B[:, None])
+        tokens = jnp.sum(jnp.ones_like(nll_BT) * weight_B[:, None])
+        text_bytes = jnp.sum(bytes_BT1[:, 1:].astype(jnp.float32) * weight_B[:, None])
+        return nats, tokens, text_bytes
+
+    return jax.jit(eval_step)
