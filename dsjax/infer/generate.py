@@ -116,11 +116,11 @@ def stream_text(tokens: Iterator[int], decode: Callable[[list[int]], str], write
     ids: list[int] = []
     shown = ""
     start = time.perf_counter()
-    first_token_time = None
+    second_token_time = None  # the first decode step compiles; time steady decoding after it
     for token in tokens:
-        if first_token_time is None:
-            first_token_time = time.perf_counter()
         ids.append(token)
+        if len(ids) == 2:
+            second_token_time = time.perf_counter()
         text = decode(ids)
         if not text.endswith("\ufffd"):
             write(text[len(shown):])
@@ -129,10 +129,10 @@ def stream_text(tokens: Iterator[int], decode: Callable[[list[int]], str], write
     text = decode(ids)
     if len(text) > len(shown):
         write(text[len(shown):])
-    decode_time = end - (first_token_time or end)
+    steady = end - (second_token_time or end)
     return {
         "tokens": len(ids),
         "seconds": end - start,
-        "tokens_per_sec": (len(ids) - 1) / decode_time if len(ids) > 1 and decode_time > 0 else 0.0,
+        "tokens_per_sec": (len(ids) - 2) / steady if len(ids) > 2 and steady > 0 else 0.0,
         "text": text,
     }

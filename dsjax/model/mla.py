@@ -41,21 +41,24 @@ def latents(p, x_BTD, cos, sin, c: ModelConfig):
 def attention(p, x_BTD, cos, sin, c: ModelConfig):
     """Causal self-attention over the whole sequence (training path)."""
     dtype = x_BTD.dtype
-    T = x_BTD.shape[1]
+    B, T, _ = x_BTD.shape
+    H = c.num_attention_heads
     q_nope, q_pe = _queries(p, x_BTD, c)
     q_pe = apply_rope(q_pe, cos, sin)
     ckv_BTC, kpe_BTR = latents(p, x_BTD, cos, sin, c)
-    kv_BTHK = jnp.einsum("btc,chk->bthk", ckv_BTC, p["kv_b_proj"]["kernel"].astype(dtype))
-    k_nope, v_BTHV = kv_BTHK[..., : c.qk_nope_head_dim], kv_BTHK[..., c.qk_nope_head_dim :]
-    scores_BHTS = (
-        jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
-        + jnp.einsum("bthr,bsr->bhts", q_pe, kpe_BTR, preferred_element_type=jnp.float32)
-    ) * softmax_scale(c)
+    # heads-first layouts: XLA:CPU runs the batched score matmuls ~1.7x faster this way
+    kv_BHTK = jnp.einsum("btc,chk->bhtk", ckv_BTC, p["kv_b_proj"]["kernel"].astype(dtype))
+    k_nope, v_BHTV = kv_BHTK[..., : c.qk_nope_head_dim], kv_BHTK[..., c.qk_nope_head_dim :]
+    q_BHTK = jnp.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)
+    kpe_BHTR = jnp.broadcast_to(kpe_BTR[:, None], (B, H, T, c.qk_rope_head_dim))
+    k_BHTK = jnp.concatenate([k_nope, kpe_BHTR], axis=-1)
+    scores_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_BHTK, preferred_element_type=jnp.float32)
+    scores_BHTS = scores_BHTS * softmax_scale(c)
     causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
     scores_BHTS = jnp.where(causal_TS, scores_BHTS, -jnp.inf)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
-    out_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_BTHV)
-    return jnp.einsum("bthv,hvd->btd", out_BTHV, p["o_proj"]["kernel"].astype(dtype))
+    out_BHTV = jnp.einsum("bhts,bhsv->bhtv", probs_BHTS, v_BHTV)
+    return jnp.einsum("bhtv,hvd->btd", out_BHTV, p["o_proj"]["kernel"].astype(dtype))
 
 
 def decode_attention(p, x_BTD, cos, sin, cache_ckv_BSC, cache_kpe_BSR, start, c: ModelConfig):

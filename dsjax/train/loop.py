@@ -122,8 +122,8 @@ def pretrain(config: Config, run_name: str, resume: bool = False) -> dict:
             kept = manager.latest_step()
             where = f"{paths.checkpoints}/step_{kept}" if kept is not None else "none saved yet"
             raise TrainingDiverged(
-                f"loss became {mean['loss']} (grad norm {mean['grad_norm']}) by step {step}; "
-                f"stopped. Last good checkpoint: {where}. Lower --learning-rate or raise warmup_steps."
+                f"training diverged by step {step}: loss {mean['loss']:.4g}, grad norm {mean['grad_norm']:.4g} "
+                f"(NaN/inf); stopped. Last good checkpoint: {where}. Lower --learning-rate or raise warmup_steps."
             )
         return mean
 

@@ -75,11 +75,14 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float))]
+    train = [(r["step"], r["ce_loss"]) for r in rows if isinstance(r.get("ce_loss"), (int, float))]
+    total = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float))]
     val = [(r["step"], r["val_loss"]) for r in rows if isinstance(r.get("val_loss"), (int, float))]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     if train:
-        ax.plot(*zip(*train), label="train loss (incl. MTP + balance)", color="tab:blue", alpha=0.8)
+        ax.plot(*zip(*train), label="train loss (next token, nats)", color="tab:blue", alpha=0.9)
+    if total and total != train:
+        ax.plot(*zip(*total), "--", label="train objective (+ MTP + balance)", color="tab:blue", alpha=0.35)
     if val:
         ax.plot(*zip(*val), "o-", label="val loss (next token, nats)", color="tab:orange")
         bpb = [(s, r["val_bpb"]) for r in rows for s in [r["step"]] if isinstance(r.get("val_bpb"), (int, float))]

@@ -58,7 +58,7 @@ def make_train_step(config: Config, moe_impl: str = "auto"):
         params = model.apply_bias_updates(params, load, c)
         if load.shape[0]:
             metrics["expert_imbalance"] = jnp.mean(jnp.max(load, axis=-1) / jnp.mean(load, axis=-1))
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state.step)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -1,0 +1,50 @@
+import subprocess
+import sys
+
+import pytest
+
+from dsjax.cli import main
+
+
+def test_help_works_as_console_script_and_module():
+    for cmd in (["dsjax", "--help"], [sys.executable, "-m", "dsjax", "--help"]):
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "run" in result.stdout and "generate" in result.stdout
+    result = subprocess.run(["dsjax", "run", "--help"], capture_output=True, text=True, timeout=120)
+    assert "--grad-accum" in result.stdout and "--resume" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--stages", "pretrian"], "unknown stage 'pretrian'; did you mean 'pretrain'"),
+        (["run", "--stages", "sft"], "stage 'sft' is not implemented yet"),
+        (["run", "--backend", "mlx"], "--backend mlx is not implemented yet"),
+        (["run", "--stages", "pretrain", "--data-dir", "/nonexistent/x"], "no data at /nonexistent/x"),
+        (["run", "--max-steps", "0", "--stages", "pretrain"], "training.max_steps: must be > 0, got 0"),
+        (["run", "--seq-len", "4096"], "training.seq_len: 4096 exceeds model.max_position_embeddings=1024"),
+        (["generate", "--checkpoint", "/nonexistent/final"], "is not a dsjax final/ checkpoint"),
+        (["download", "--from", "/nonexistent/file.txt", "--out", "/tmp/x"], "no such file or folder"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": {"num_hiden_layers": 2}}')
+    assert main(["run", "--config", str(bad)]) == 2
+    assert "did you mean 'num_hidden_layers'" in capsys.readouterr().err
+
+
+def test_unknown_flag_exits_with_usage():
+    with pytest.raises(SystemExit) as err:
+        main(["run", "--max-step", "3", "--bogus"])
+    assert err.value.code == 2
+
+
+def test_info_prints_counts(capsys):
+    assert main(["info", "--model-size", "tiny"]) == 0
+    assert "21,053,280" in capsys.readouterr().out

@@ -1,0 +1,133 @@
+import csv
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from dsjax.cli import main
+from dsjax.config import load_config
+from dsjax.train.metrics import METRIC_COLUMNS
+from dsjax.train.optimizer import decay_mask, lr_schedule
+from dsjax.train.step import init_state, make_train_step
+
+
+def run_cli(*args) -> int:
+    return main(["run", "--model-size", "nano", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tinystories_dir):
+    """A short real-data nano run through the CLI: 12 steps of 8 x 64 tokens."""
+    root = tmp_path_factory.mktemp("run")
+    common = [
+        "--data-dir", tinystories_dir, "--work-dir", root / "data", "--checkpoint-dir", root / "checkpoints",
+        "--output-dir", root / "outputs", "--run-name", "e2e", "--batch-size", 8, "--seq-len", 64,
+        "--log-interval", 3, "--eval-interval", 6, "--checkpoint-interval", 6, "--eval-batches", 4,
+        "--warmup-steps", 3,
+    ]
+    assert run_cli(*common, "--max-steps", 12) == 0
+    return root, common
+
+
+def read_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_writes_documented_files(trained):
+    root, _ = trained
+    out, ck = root / "outputs/e2e", root / "checkpoints/e2e"
+    for name in ("metrics.csv", "training_log.json", "training_config.json", "loss.png"):
+        assert (out / name).is_file(), name
+    with open(out / "metrics.csv") as f:
+        assert next(csv.reader(f)) == METRIC_COLUMNS
+    for name in ("config.json", "training_state.json", "tokenizer.model", "params"):
+        assert (ck / "final" / name).exists(), name
+    assert (ck / "step_6").is_dir() and (ck / "step_12").is_dir()
+    resolved = json.loads((out / "training_config.json").read_text())
+    assert resolved["training"]["batch_size"] == 8 and resolved["model"]["vocab_size"] == 4096
+    state = json.loads((ck / "final/training_state.json").read_text())
+    assert state["step"] == 12 and state["tokens_seen"] == 12 * 8 * 64
+
+
+def test_a_few_steps_lower_the_loss_on_real_data(trained):
+    root, _ = trained
+    rows = [r for r in read_rows(root / "outputs/e2e/metrics.csv") if int(r["step"]) <= 12]
+    losses = [float(r["ce_loss"]) for r in rows if r["ce_loss"]]
+    assert losses[-1] < losses[0] - 0.5, losses
+    vals = [(int(r["step"]), float(r["val_loss"]), float(r["val_bpb"])) for r in rows if r["val_loss"]]
+    assert [v[0] for v in vals] == [6, 12]
+    assert vals[1][1] < vals[0][1]
+    assert 0 < vals[1][2] < 4.0  # bits per byte, a sane range for a barely trained model
+    assert all(float(r["tokens_per_sec"]) > 0 for r in rows if r["tokens_per_sec"])
+
+
+def test_resume_continues_from_the_latest_checkpoint(trained):
+    root, common = trained
+    assert run_cli(*common, "--max-steps", 15, "--resume") == 0
+    rows = read_rows(root / "outputs/e2e/metrics.csv")
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(steps) and steps[-1] == 15 and steps.count(12) == 1
+    state = json.loads((root / "checkpoints/e2e/final/training_state.json").read_text())
+    assert state["step"] == 15 and state["tokens_seen"] == 15 * 8 * 64
+
+
+def test_generate_from_final(trained, capsys):
+    root, _ = trained
+    code = main(["generate", "--checkpoint", str(root / "checkpoints/e2e/final"), "--prompt", "Once upon a time",
+                 "--max-new-tokens", "12", "--temperature", "0"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.out.startswith("Once upon a time") and len(captured.out.strip()) > len("Once upon a time")
+    assert "tokens/s" in captured.err
+
+
+def test_divergence_stops_with_clear_message_and_keeps_checkpoint(tmp_path, tinystories_dir, trained, capsys):
+    root, _ = trained
+    code = run_cli(
+        "--data-dir", tinystories_dir, "--work-dir", root / "data", "--checkpoint-dir", tmp_path / "ck",
+        "--output-dir", tmp_path / "out", "--run-name", "boom", "--batch-size", 8, "--seq-len", 64,
+        "--log-interval", 1, "--checkpoint-interval", 1, "--eval-interval", 100, "--warmup-steps", 0,
+        "--learning-rate", 1e30, "--max-steps", 6,
+    )
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "training diverged by step 2" in err and "nan" in err.lower()
+    assert "Last good checkpoint" in err
+    saved = sorted(p.name for p in (tmp_path / "ck/boom").iterdir())
+    assert "step_1" in saved and "final" not in saved
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    config = load_config("nano")
+    small = dataclasses.replace(config.model, num_hidden_layers=2)
+    config = dataclasses.replace(config, model=small)
+    windows = np.asarray(jax.random.randint(jax.random.key(0), (8, 33), 0, small.vocab_size))
+    step = make_train_step(config)
+    one, m_one = step(init_state(config, jax.random.key(1)), windows.reshape(1, 8, 33))
+    two, m_two = step(init_state(config, jax.random.key(1)), windows.reshape(2, 4, 33))
+    for key in ("loss", "ce_loss", "grad_norm", "expert_imbalance"):
+        np.testing.assert_allclose(float(m_one[key]), float(m_two[key]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_lr_schedules():
+    t = load_config("nano").training
+    t = dataclasses.replace(t, learning_rate=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    cosine = lr_schedule(t)
+    assert float(cosine(0)) == pytest.approx(0.1) and float(cosine(9)) == pytest.approx(1.0)
+    assert float(cosine(110)) == pytest.approx(0.1, abs=1e-6)
+    assert float(cosine(60)) == pytest.approx(0.55, abs=1e-3)
+    wsd = lr_schedule(dataclasses.replace(t, lr_schedule="wsd", wsd_decay_fraction=0.2))
+    assert float(wsd(80)) == pytest.approx(1.0) and float(wsd(110)) == pytest.approx(0.1, abs=1e-6)
+
+
+def test_weight_decay_skips_norms_and_biases():
+    config = load_config("nano")
+    mask = decay_mask(init_state(config, jax.random.key(0)).params)
+    assert mask["layers"]["0"]["input_layernorm"]["scale"] is False
+    assert mask["layers"]["1"]["mlp"]["gate"]["e_score_correction_bias"] is False
+    assert mask["layers"]["0"]["self_attn"]["kv_b_proj"]["kernel"] is True
