@@ -1,0 +1,1 @@
+"""DATA_PREP: download, tokenizer, token cache and the Grain pipeline."""

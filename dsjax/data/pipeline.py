@@ -1,0 +1,147 @@
+"""Token cache and the Grain input pipeline.
+
+JSONL -> tokenize each story, add BOS/EOS -> one token stream per split, cached on
+disk with the UTF-8 byte count each token stands for (for bits per byte) ->
+non-overlapping windows of seq_len + 1 tokens -> this process's share of windows
+-> seeded shuffle, reshuffled every epoch -> batches. The Grain iterator's state
+is a small dict that checkpoints save and restore.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from dsjax.data.download import SplitStats, iter_jsonl_stories
+from dsjax.data.tokenizer import Tokenizer, file_digest
+from dsjax.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+ENCODE_CHUNK = 4096
+
+
+class DataError(ValueError):
+    """The data cannot feed the requested run (too little, or empty); the message says what to change."""
+
+
+@dataclass
+class TokenizedSplit:
+    tokens: np.ndarray  # [N] token stream: <s> story </s> <s> story </s> ...
+    byte_counts: np.ndarray  # [N] UTF-8 bytes of story text per token (0 for <s> and </s>)
+    stories: int
+    malformed: int
+
+    def windows(self, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """Non-overlapping [n, seq_len + 1] windows of tokens and byte counts; the tail is dropped."""
+        width = seq_len + 1
+        n = len(self.tokens) // width
+        if n == 0:
+            raise DataError(f"{len(self.tokens)} tokens cannot fill one window of {width}; lower training.seq_len")
+        return self.tokens[: n * width].reshape(n, width), self.byte_counts[: n * width].reshape(n, width)
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cache_dir_for(work_dir: Path, tokenizer: Tokenizer, jsonl: Path) -> Path:
+    return Path(work_dir) / "tokens" / f"{file_digest(tokenizer.path, 12)}-{file_digest(jsonl, 12)}"
+
+
+def tokenize_split(jsonl: Path, tokenizer: Tokenizer, work_dir: Path, name: str) -> TokenizedSplit:
+    """Tokenize a JSONL split once; later calls load the cached arrays."""
+    jsonl = Path(jsonl)
+    cache = cache_dir_for(work_dir, tokenizer, jsonl)
+    tokens_path, bytes_path, meta_path = (cache / f"{name}.{kind}" for kind in ("tokens.npy", "bytes.npy", "json"))
+    if tokens_path.is_file() and bytes_path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return TokenizedSplit(
+            np.load(tokens_path, mmap_mode="r"), np.load(bytes_path, mmap_mode="r"), meta["stories"], meta["malformed"]
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    stats = SplitStats()
+    token_chunks: list[np.ndarray] = []
+    byte_chunks: list[np.ndarray] = []
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
+    stories = iter_jsonl_stories(jsonl, stats)
+    with progress_bar(f"tokenize {name}", total=None) as advance:
+        while True:
+            batch = [s for _, s in zip(range(ENCODE_CHUNK), stories)]
+            if not batch:
+                break
+            for ids in tokenizer.encode_batch(batch):
+                token_chunks.append(np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype))
+                counts = tokenizer.story_byte_counts(ids)
+                byte_chunks.append(np.concatenate([[0], counts, [0]]).astype(np.uint8))
+            stats.stories += len(batch)
+            advance(len(batch))
+    if stats.malformed:
+        log.warning("%s: skipped %d malformed line(s) (bad JSON, no 'text', or invalid UTF-8)", jsonl, stats.malformed)
+    if not token_chunks:
+        raise DataError(f"{jsonl}: no stories to tokenize")
+    tokens, byte_counts = np.concatenate(token_chunks), np.concatenate(byte_chunks)
+    _save_npy_atomic(tokens_path, tokens)
+    _save_npy_atomic(bytes_path, byte_counts)
+    meta_path.write_text(json.dumps({"stories": stats.stories, "malformed": stats.malformed, "tokens": len(tokens)}))
+    return TokenizedSplit(tokens, byte_counts, stats.stories, stats.malformed)
+
+
+def train_dataset(
+    split: TokenizedSplit,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """Infinite, seeded, per-epoch reshuffled batches [batch_size / process_count, seq_len + 1] (int32)."""
+    if batch_size % process_count:
+        raise DataError(f"global batch {batch_size} does not divide over {process_count} processes")
+    windows, _ = split.windows(seq_len)
+    local_batch = batch_size // process_count
+    mine = grain.MapDataset.source(windows)[process_index::process_count]
+    if len(mine) < local_batch:
+        raise DataError(
+            f"only {len(mine)} windows of {seq_len + 1} tokens for a batch of {local_batch}; "
+            "use more data, a smaller batch or a shorter seq_len"
+        )
+    dataset = (
+        mine.shuffle(seed=seed)
+        .repeat(None)
+        .map(lambda w: np.asarray(w, dtype=np.int32))
+        .batch(local_batch, drop_remainder=True)
+    )
+    return dataset.to_iter_dataset()
+
+
+def eval_batches(split: TokenizedSplit, seq_len: int, batch_size: int, max_batches: int = 0):
+    """Every valid window, in order, as (windows_BT1, bytes_BT, weight_B); the last batch is zero-padded."""
+    windows, byte_counts = split.windows(seq_len)
+    n = len(windows)
+    if max_batches:
+        n = min(n, max_batches * batch_size)
+    for start in range(0, n, batch_size):
+        w = np.asarray(windows[start : start + batch_size], dtype=np.int32)
+        b = np.asarray(byte_counts[start : start + batch_size], dtype=np.int32)
+        weight = np.ones(len(w), np.float32)
+        if len(w) < batch_size:
+            pad = batch_size - len(w)
+            w = np.concatenate([w, np.zeros((pad, w.shape[1]), np.int32)])
+            b = np.concatenate([b, np.zeros((pad, b.shape[1]), np.int32)])
+            weight = np.concatenate([weight, np.zeros(pad, np.float32)])
+        yield w, b, weight
