@@ -162,6 +162,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoints_ls(args: argparse.Namespace) -> int:
+    from dsjax.train.checkpoint import describe_run
+
+    infos = describe_run(Path(args.run_dir))
+    if not infos:
+        print(f"{args.run_dir}: no checkpoints")
+        return 0
+    print(f"{'checkpoint':<22} {'step':>8} {'size':>10} {'val_loss':>9}  complete  note")
+    for i in infos:
+        val = f"{i.val_loss:.4f}" if isinstance(i.val_loss, (int, float)) else "-"
+        step = str(i.step) if i.step is not None else "-"
+        print(f"{i.name:<22} {step:>8} {i.bytes / 2**20:>8.1f}MB {val:>9}  {'yes' if i.complete else 'NO':<8}  {i.note}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from dsjax.model.params import count_params
 
@@ -224,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
 
+    ckpts = sub.add_parser("checkpoints", help="inspect a run's checkpoints")
+    ckpts_sub = ckpts.add_subparsers(dest="checkpoints_command", metavar="ACTION", required=True)
+    ls = ckpts_sub.add_parser("ls", help="list steps, sizes, val loss and completeness")
+    ls.add_argument("run_dir", help="e.g. checkpoints/nano")
+    ls.set_defaults(func=cmd_checkpoints_ls)
+
     info = sub.add_parser("info", help="show the resolved config's parameter counts")
     _add_config_flags(info)
     info.add_argument("--json", action="store_true", help="print the resolved config and counts as JSON")
@@ -241,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     from dsjax.data.pipeline import DataError
     from dsjax.data.tokenizer import TokenizerError
     from dsjax.infer.generate import SamplingError
+    from dsjax.train.checkpoint import CheckpointError
+    from dsjax.train.signals import StopRequested
 
     try:
         return args.func(args)
@@ -250,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DownloadError, TokenizerError, DataError, SamplingError, FileNotFoundError) as err:
         print(f"dsjax: error: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:
+        print(f"dsjax: checkpoint error: {err}", file=sys.stderr)
+        return 4
+    except StopRequested as stop:
+        print(f"dsjax: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("dsjax: interrupted", file=sys.stderr)
         return 130

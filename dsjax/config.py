@@ -111,7 +111,8 @@ class TrainingConfig:
     eval_batches: int = 0  # 0 = the whole valid split
     checkpoint_interval: int = 100
     log_interval: int = 10
-    max_to_keep: int = 3
+    max_to_keep: int = 3  # newest step_N/ checkpoints kept
+    keep_every: int = 0  # also keep every step_N whose N is a multiple of this (0 = off)
     seed: int = 0
     run_name: str = ""  # empty: the model size's name
     data_dir: str = "data/stories"
@@ -310,6 +311,7 @@ def validate(config: Config) -> None:
         "training.weight_decay": t.weight_decay,
         "training.grad_clip": t.grad_clip,
         "training.eval_batches": t.eval_batches,
+        "training.keep_every": t.keep_every,
         "training.seed": t.seed,
     }
     for key, value in non_negative.items():

@@ -1,16 +1,28 @@
-"""Orbax checkpoints: `checkpoints/<run>/step_N/` (full train state + data iterator) and `final/`.
+"""Orbax checkpoints that survive preemption, crashes and corruption.
 
-step_N/ holds Orbax items `state` (params, optimizer state, step), `data_iter`
-(the Grain iterator state), `training_state` and `config` (JSON). `final/` holds
-the `params` item plus plain `config.json`, `training_state.json` and
-`tokenizer.model`, so it alone is enough to generate.
+Layout of `checkpoints/<run>/`:
+
+    step_N/   Orbax items `state` (params incl. MoE routing biases, optimizer state,
+              step), `data_iter` (Grain iterator state), `training_state` and
+              `config` (JSON); plus plain copies `config.json`,
+              `training_state.json` and `tokenizer.model`.
+    final/    `params` + `config.json` + `training_state.json` + `tokenizer.model`:
+              all that generation needs.
+
+Saves are asynchronous: `save` blocks only while arrays are copied off the
+device, and Orbax writes into a temporary folder that is renamed to `step_N`
+when complete, so a crash mid-write never leaves a `step_N` that looks whole.
+`latest_restorable` walks back from the newest step and skips (and sets aside
+as `corrupt_step_N`, never deleting it) any step that fails to restore.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,39 +34,172 @@ from dsjax.config import Config, config_from_dict
 log = logging.getLogger(__name__)
 
 FINAL = "final"
+STEP_PREFIX = "step"
+CORRUPT_PREFIX = "corrupt_"
+# training keys that may change between a checkpoint and its resume
+RESUMABLE_TRAINING_KEYS = {
+    "max_steps", "eval_interval", "eval_batches", "checkpoint_interval", "log_interval", "max_to_keep",
+    "keep_every", "run_name", "data_dir", "work_dir", "checkpoint_dir", "output_dir", "learning_rate",
+    "min_lr_ratio", "warmup_steps", "lr_schedule", "wsd_decay_fraction", "weight_decay", "grad_clip",
+}
 
 
-def make_manager(run_dir: Path, max_to_keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, step_prefix="step", create=True, enable_async_checkpointing=False
-    )
-    return ocp.CheckpointManager(Path(run_dir).absolute(), options=options)
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or used; the message says which and why."""
 
 
-def save_step(manager: ocp.CheckpointManager, step: int, state, data_iter_state: dict, training_state: dict, config: Config) -> None:
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data_iter=ocp.args.JsonSave(data_iter_state),
-            training_state=ocp.args.JsonSave(training_state),
-            config=ocp.args.JsonSave(config.to_dict()),
-        ),
-        force=True,
-    )
-    manager.wait_until_finished()
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"{STEP_PREFIX}_{step}"
 
 
-def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any, dict, dict]:
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data_iter=ocp.args.JsonRestore(),
-            training_state=ocp.args.JsonRestore(),
-        ),
-    )
-    return restored["state"], restored["data_iter"], restored["training_state"]
+class CheckpointStore:
+    """One run's checkpoints: async saves with retention, verified restores."""
+
+    def __init__(self, run_dir: Path, max_to_keep: int, keep_every: int = 0, async_save: bool = True):
+        self.run_dir = Path(run_dir).absolute()
+        self._options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            keep_period=keep_every or None,
+            step_prefix=STEP_PREFIX,
+            create=True,
+            enable_async_checkpointing=async_save,
+        )
+        self.manager = ocp.CheckpointManager(self.run_dir, options=self._options)
+        self._pending_extras: tuple[int, dict, dict, Path | None] | None = None
+        self.blocking_seconds = 0.0
+        self.saves = 0
+
+    # --- saving ---------------------------------------------------------------------
+
+    def save(self, step: int, state, data_iter_state: dict, training_state: dict, config: Config,
+             tokenizer_path: Path | None = None) -> None:
+        """Start an async save of step N (waits for the previous save first)."""
+        start = time.perf_counter()
+        self._finish_previous()
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data_iter=ocp.args.JsonSave(data_iter_state),
+                    training_state=ocp.args.JsonSave(training_state),
+                    config=ocp.args.JsonSave(config.to_dict()),
+                ),
+                force=True,
+            )
+        except Exception as err:  # noqa: BLE001 - any write failure becomes one clear error
+            raise self._save_failed(step, err) from err
+        self._pending_extras = (step, training_state, config.to_dict(), tokenizer_path)
+        self.blocking_seconds += time.perf_counter() - start
+        self.saves += 1
+
+    def _save_failed(self, step: int, err: BaseException) -> CheckpointError:
+        kept = [s for s in self.manager.all_steps() if s != step]
+        previous = f"{step_dir(self.run_dir, max(kept)).name} is intact" if kept else "no earlier checkpoint exists"
+        return CheckpointError(
+            f"could not write checkpoint {step_dir(self.run_dir, step)}: {err.__class__.__name__}: {err}. "
+            f"Training stopped; {previous}. Free disk space or fix permissions, then --resume."
+        )
+
+    def _finish_previous(self) -> None:
+        step = self._pending_extras[0] if self._pending_extras else None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            self._pending_extras = None
+            raise self._save_failed(step if step is not None else -1, err) from err
+        if self._pending_extras is None:
+            return
+        step, training_state, config_dict, tokenizer_path = self._pending_extras
+        self._pending_extras = None
+        folder = step_dir(self.run_dir, step)
+        if folder.is_dir():  # retention may already have removed it
+            (folder / "config.json").write_text(json.dumps(config_dict, indent=2))
+            (folder / "training_state.json").write_text(json.dumps(training_state, indent=2))
+            if tokenizer_path is not None:
+                shutil.copy2(tokenizer_path, folder / "tokenizer.model")
+
+    def wait_until_finished(self) -> None:
+        start = time.perf_counter()
+        self._finish_previous()
+        self.blocking_seconds += time.perf_counter() - start
+
+    def close(self) -> None:
+        try:
+            self.wait_until_finished()
+        finally:
+            self.manager.close()
+
+    # --- restoring ------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict, dict]:
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data_iter=ocp.args.JsonRestore(),
+                training_state=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored["state"], restored["data_iter"], restored["training_state"], restored["config"]
+
+    def _set_aside(self, step: int, err: BaseException) -> None:
+        folder = step_dir(self.run_dir, step)
+        aside = folder.with_name(CORRUPT_PREFIX + folder.name)
+        first_line = str(err).splitlines()[0][:200] if str(err) else ""
+        log.warning(
+            "checkpoint %s is incomplete or corrupted (%s: %s); moved to %s, falling back to the previous one",
+            folder, err.__class__.__name__, first_line, aside.name,
+        )
+        if folder.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+            folder.rename(aside)
+        self.manager.reload()
+
+    def latest_restorable(self, abstract_state, config: Config):
+        """(step, restored) for the newest step that restores cleanly, or None.
+
+        A step whose files are missing, truncated or unreadable is set aside (renamed,
+        not deleted) and the previous one is tried. A readable checkpoint whose config
+        differs from `config` in keys that change the model is refused, not skipped.
+        """
+        for step in reversed(self.steps()):
+            try:
+                saved_config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+                if not isinstance(saved_config, dict) or "model" not in saved_config:
+                    raise ValueError("config item holds no model block")
+            except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped
+                self._set_aside(step, err)
+                continue
+            differences = config_differences(saved_config, config)
+            if differences:
+                raise CheckpointError(
+                    f"cannot resume from {step_dir(self.run_dir, step)}: the config changed in keys that change the "
+                    f"model or its training data: {', '.join(differences)}. Use a new --run-name, or restore these values."
+                )
+            try:
+                return step, self.restore(step, abstract_state)
+            except Exception as err:  # noqa: BLE001
+                self._set_aside(step, err)
+        return None
+
+
+def config_differences(saved: dict, config: Config) -> list[str]:
+    """Keys whose change would make a resume wrong (model shape/behaviour, batch layout, seed)."""
+    current = config.to_dict()
+    differences = []
+    for block in ("model", "training"):
+        for key, value in current[block].items():
+            if block == "training" and key in RESUMABLE_TRAINING_KEYS:
+                continue
+            old = saved.get(block, {}).get(key, value)
+            if old != value:
+                differences.append(f"{block}.{key} ({old!r} -> {value!r})")
+    return differences
 
 
 def save_final(run_dir: Path, params, config: Config, training_state: dict, tokenizer_path: Path) -> Path:
@@ -80,8 +225,7 @@ def save_final(run_dir: Path, params, config: Config, training_state: dict, toke
 
 def load_config_json(path: Path) -> Config:
     raw = json.loads(Path(path).read_text())
-    model = dict(raw["model"])
-    return config_from_dict({"model": model, "training": raw.get("training", {}), "distributed": raw.get("distributed", {})})
+    return config_from_dict({k: raw.get(k, {}) for k in ("model", "training", "distributed")})
 
 
 def load_final(final_dir: Path):
@@ -94,5 +238,62 @@ def load_final(final_dir: Path):
     config = load_config_json(final_dir / "config.json")
     abstract = model.abstract_params(config.model)
     params = ocp.StandardCheckpointer().restore(final_dir / "params", abstract)
-    params = jax.tree.map(lambda x: x, params)
     return params, config, final_dir / "tokenizer.model"
+
+
+def with_shardings(abstract_tree, shardings):
+    """Attach target shardings to an abstract tree, so a restore lands directly in that layout."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
+@dataclasses.dataclass
+class CheckpointInfo:
+    name: str
+    step: int | None
+    bytes: int
+    complete: bool
+    val_loss: float | None
+    note: str
+
+
+def describe_run(run_dir: Path) -> list[CheckpointInfo]:
+    """What `dsjax checkpoints ls` shows: every step folder (and final/), size, val loss, completeness."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder at {run_dir}")
+    infos = []
+    for folder in sorted(run_dir.iterdir(), key=_sort_key):
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        name = folder.name
+        step, complete, note, val = None, False, "", None
+        state_file = folder / "training_state.json"
+        if state_file.is_file():
+            try:
+                info = json.loads(state_file.read_text())
+                val, step = info.get("val_loss"), info.get("step")
+            except json.JSONDecodeError:
+                note = "training_state.json unreadable"
+        if name.startswith(f"{STEP_PREFIX}_") and name[len(STEP_PREFIX) + 1:].isdigit():
+            step = int(name[len(STEP_PREFIX) + 1:])
+            missing = [item for item in ("state", "data_iter", "training_state", "config") if not (folder / item).is_dir()]
+            committed = (folder / "_CHECKPOINT_METADATA").is_file()
+            complete = committed and not missing
+            note = note or ("" if complete else f"missing {', '.join(missing) or 'commit marker'}")
+        elif name == FINAL:
+            complete = (folder / "params").is_dir() and (folder / "config.json").is_file()
+            note = note or ("" if complete else "missing params/ or config.json")
+        elif name.startswith(CORRUPT_PREFIX):
+            note = "set aside by --resume (failed to restore)"
+        elif "tmp" in name:
+            note = "unfinished write (ignored by --resume)"
+        else:
+            continue
+        infos.append(CheckpointInfo(name, step, size, complete, val, note))
+    return infos
+
+
+def _sort_key(path: Path):
+    digits = "".join(ch for ch in path.name if ch.isdigit())
+    return (path.name == FINAL, int(digits) if digits else -1, path.name)

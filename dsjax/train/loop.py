@@ -19,6 +19,7 @@ from dsjax.data.tokenizer import load_or_train_tokenizer
 from dsjax.progress import console, training_progress
 from dsjax.train import checkpoint
 from dsjax.train.metrics import MetricsWriter, finite, plot_losses
+from dsjax.train.signals import GracefulStop, StopRequested
 from dsjax.train.step import abstract_state, init_state, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -72,20 +73,39 @@ def pretrain(config: Config, run_name: str, resume: bool = False) -> dict:
     )
     data_iter = iter(dataset)
 
-    manager = checkpoint.make_manager(paths.checkpoints, t.max_to_keep)
+    store = checkpoint.CheckpointStore(paths.checkpoints, t.max_to_keep, t.keep_every)
+    # every exit path (normal end, error, signal) waits for the in-flight async save
+    try:
+        summary = _train(config, run_name, resume, paths, tokenizer, train_split, valid_split, data_iter, store)
+    except BaseException:
+        try:
+            store.close()
+        except Exception as err:  # noqa: BLE001 - keep the original error in front
+            log.warning("while stopping: %s", err)
+        raise
+    store.close()
+    return summary
+
+
+def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split, data_iter, store) -> dict:
+    t = config.training
+    accum, micro = t.gradient_accumulation_steps, t.batch_size
     state = None
     start_step, tokens_seen, wall_before = 0, 0, 0.0
+    best_val, last_val = math.inf, None
     if resume:
-        latest = manager.latest_step()
-        if latest is None:
-            log.warning("--resume: no checkpoint in %s; starting from scratch", paths.checkpoints)
+        found = store.latest_restorable(abstract_state(config), config)
+        if found is None:
+            log.warning("--resume: no usable checkpoint in %s; starting from scratch", paths.checkpoints)
         else:
-            state, iter_state, training_state = checkpoint.restore_step(manager, latest, abstract_state(config))
+            step, (state, iter_state, saved, _) = found
             data_iter.set_state(iter_state)
             start_step = int(state.step)
-            tokens_seen = int(training_state.get("tokens_seen", 0))
-            wall_before = float(training_state.get("wall_time_sec", 0.0))
-            log.info("resumed from %s at step %d", paths.checkpoints / f"step_{latest}", start_step)
+            tokens_seen = int(saved.get("tokens_seen", 0))
+            wall_before = float(saved.get("wall_time_sec", 0.0))
+            best_val = saved.get("best_val_loss") or math.inf
+            last_val = saved.get("val_loss")
+            log.info("resumed from %s at step %d", checkpoint.step_dir(paths.checkpoints, step), start_step)
     if state is None:
         state = init_state(config, jax.random.key(t.seed))
 
@@ -97,7 +117,6 @@ def pretrain(config: Config, run_name: str, resume: bool = False) -> dict:
     train_step = make_train_step(config)
     eval_step = make_eval_step(config)
     tokens_per_step = micro * accum * t.seq_len
-    best_val = math.inf
     pending: list[dict] = []
     run_start = time.perf_counter()
     interval_start, interval_steps = run_start, 0
@@ -107,6 +126,8 @@ def pretrain(config: Config, run_name: str, resume: bool = False) -> dict:
             "step": step,
             "tokens_seen": tokens_seen,
             "best_val_loss": best_val if finite(best_val) else None,
+            "val_loss": last_val,
+            "checkpoint_blocking_sec": store.blocking_seconds,
             "wall_time_sec": wall_before + time.perf_counter() - run_start,
             "jax_version": jax.__version__,
             "run_name": run_name,
@@ -119,15 +140,17 @@ def pretrain(config: Config, run_name: str, resume: bool = False) -> dict:
         mean = _mean_metrics(pending)
         pending = []
         if not (finite(mean["loss"]) and finite(mean["grad_norm"])):
-            kept = manager.latest_step()
-            where = f"{paths.checkpoints}/step_{kept}" if kept is not None else "none saved yet"
+            store.wait_until_finished()
+            kept = store.steps()
+            where = str(checkpoint.step_dir(paths.checkpoints, kept[-1])) if kept else "none saved yet"
             raise TrainingDiverged(
                 f"training diverged by step {step}: loss {mean['loss']:.4g}, grad norm {mean['grad_norm']:.4g} "
                 f"(NaN/inf); stopped. Last good checkpoint: {where}. Lower --learning-rate or raise warmup_steps."
             )
         return mean
 
-    with training_progress() as progress:
+    last_saved = start_step if start_step else None
+    with training_progress() as progress, GracefulStop() as stop:
         task = progress.add_task("train", total=t.max_steps, completed=start_step, loss="-", lr="-", tps="-")
         for step in range(start_step + 1, t.max_steps + 1):
             batch = np.asarray(next(data_iter)).reshape(accum, micro, t.seq_len + 1)
@@ -137,7 +160,7 @@ def pretrain(config: Config, run_name: str, resume: bool = False) -> dict:
             interval_steps += 1
             is_last = step == t.max_steps
             row: dict = {}
-            if step % t.log_interval == 0 or is_last:
+            if step % t.log_interval == 0 or is_last or stop.requested:
                 mean = flush(step)
                 now = time.perf_counter()
                 tps = interval_steps * tokens_per_step / (now - interval_start)
@@ -151,23 +174,33 @@ def pretrain(config: Config, run_name: str, resume: bool = False) -> dict:
             if step % t.eval_interval == 0 or is_last:
                 flush(step)
                 ev = evaluate(eval_step, state.params, valid_split, config)
-                best_val = min(best_val, ev["val_loss"])
+                best_val, last_val = min(best_val, ev["val_loss"]), ev["val_loss"]
                 row.update(val_loss=ev["val_loss"], val_bpb=ev["val_bpb"])
                 log.info("step %d | val loss %.4f | val %.4f bits/byte", step, ev["val_loss"], ev["val_bpb"])
                 interval_start = time.perf_counter()  # eval time is not training throughput
             if row:
                 row.update(step=step, tokens_seen=tokens_seen, elapsed_sec=wall_before + time.perf_counter() - run_start)
                 writer.write(row)
-            if step % t.checkpoint_interval == 0 or is_last:
+            if step % t.checkpoint_interval == 0 or is_last or stop.requested:
                 flush(step)
-                checkpoint.save_step(manager, step, state, data_iter.get_state(), training_state(step), config)
-                log.debug("saved %s", paths.checkpoints / f"step_{step}")
+                store.save(step, state, data_iter.get_state(), training_state(step), config, tokenizer.path)
+                last_saved = step
+                log.debug("saving %s", checkpoint.step_dir(paths.checkpoints, step))
             progress.update(task, completed=step)
+            if stop.requested:
+                store.wait_until_finished()
+                where = checkpoint.step_dir(paths.checkpoints, last_saved)
+                raise StopRequested(
+                    stop.name, 128 + stop.signal_number,
+                    f"received {stop.name}: finished step {step}, saved {where}; continue with --resume",
+                )
 
     summary = training_state(t.max_steps)
+    store.wait_until_finished()
+    summary["checkpoint_blocking_sec"] = store.blocking_seconds
     final_dir = checkpoint.save_final(paths.checkpoints, state.params, config, summary, tokenizer.path)
     writer.write_log(summary)
     plot = plot_losses(writer.rows, paths.outputs / "loss.png", f"dsjax {run_name}")
-    manager.close()
     console.print(f"[bold green]done[/] final checkpoint: {final_dir}  metrics: {writer.csv_path}  plot: {plot}")
+    log.info("checkpointing blocked training for %.2fs over %d saves", store.blocking_seconds, store.saves)
     return summary
