@@ -14,6 +14,8 @@ import argparse
 import difflib
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +45,11 @@ RUN_OVERRIDES = {
     "checkpoint_dir": ("training", "checkpoint_dir"),
     "output_dir": ("training", "output_dir"),
     "seed": ("training", "seed"),
+    "pp_size": ("distributed", "pp_size"),
+    "dp_size": ("distributed", "dp_size"),
+    "tp_size": ("distributed", "tp_size"),
+    "ep_size": ("distributed", "ep_size"),
+    "sp_size": ("distributed", "sp_size"),
 }
 
 
@@ -80,6 +87,24 @@ def resolve_run_config(args: argparse.Namespace):
     return load_config(args.model_size, args.config, overrides)
 
 
+def requested_devices(config, gpus: int | None) -> int | None:
+    """Total devices the mesh flags ask for (None when a size is inferred and --gpus is absent)."""
+    if gpus is not None:
+        return gpus
+    sizes = [getattr(config.distributed, f"{a}_size") for a in ("pp", "dp", "ep", "sp", "tp")]
+    return None if -1 in sizes else math.prod(sizes)
+
+
+def ensure_host_devices(per_host: int) -> None:
+    """On a CPU host, split the CPU into `per_host` devices so the same mesh flags work on a laptop.
+
+    Must run before JAX creates its backends; XLA reads this flag only for the CPU platform.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if per_host > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={per_host}".strip()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from dsjax.progress import console, setup_logging
 
@@ -88,6 +113,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--backend {args.backend} is not implemented yet; use --backend jax")
     stages = parse_stages(args.stages)
     config = resolve_run_config(args)
+    if args.gpus is not None and args.gpus <= 0:
+        raise UsageError(f"--gpus must be > 0, got {args.gpus}")
+    total = requested_devices(config, args.gpus)
+    if total:
+        ensure_host_devices(total // max(args.num_processes or 1, 1))
     run_name = config.training.run_name or args.model_size
     console.print_json(json.dumps({"run_name": run_name, "stages": stages, **config.to_dict()}))
 
@@ -109,7 +139,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"no data at {data_dir} (needs train/stories.jsonl and valid/stories.jsonl); "
                 "add the data_prep stage, run `dsjax download`, or pass --data-dir"
             )
-        pretrain(config, run_name, resume=args.resume)
+        from dsjax.train.distributed import initialize_multihost
+
+        initialize_multihost(args.coordinator, args.num_processes, args.process_id)
+        pretrain(config, run_name, resume=args.resume, device_count=args.gpus)
     return 0
 
 
@@ -220,6 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this run")
     run.add_argument("--seed", type=int)
     run.add_argument("--verbose", action="store_true", help="debug logging (or set LOG_LEVEL)")
+    mesh = run.add_argument_group("device mesh (sizes multiply to the device count; one may be -1 = infer)")
+    mesh.add_argument("--gpus", type=int, help="total devices to use (default: all)")
+    for axis, what in (("pp", "pipeline"), ("dp", "data (default -1)"), ("tp", "tensor"), ("ep", "expert"), ("sp", "sequence")):
+        mesh.add_argument(f"--{axis}-size", type=int, help=f"{what} parallel size")
+    hosts = run.add_argument_group("several hosts (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
+    hosts.add_argument("--coordinator", help="HOST:PORT of process 0")
+    hosts.add_argument("--num-processes", type=int)
+    hosts.add_argument("--process-id", type=int)
     run.set_defaults(func=cmd_run)
 
     download = sub.add_parser("download", help="fetch TinyStories (or convert local files) into train/ + valid/ JSONL")
@@ -264,13 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     from dsjax.infer.generate import SamplingError
     from dsjax.train.checkpoint import CheckpointError
     from dsjax.train.signals import StopRequested
+    from meshes.mesh import MeshError
 
     try:
         return args.func(args)
     except ConfigError as err:
         print(f"dsjax: config error: {err}", file=sys.stderr)
         return 2
-    except (UsageError, DownloadError, TokenizerError, DataError, SamplingError, FileNotFoundError) as err:
+    except (UsageError, DownloadError, TokenizerError, DataError, SamplingError, FileNotFoundError, MeshError) as err:
         print(f"dsjax: error: {err}", file=sys.stderr)
         return 2
     except CheckpointError as err:

@@ -109,22 +109,28 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.IterDataset:
-    """Infinite, seeded, per-epoch reshuffled batches [batch_size / process_count, seq_len + 1] (int32)."""
+    """Infinite, seeded, per-epoch reshuffled batches [batch_size / process_count, seq_len + 1] (int32).
+
+    Every process walks the same shuffled order of global batches and keeps its own
+    contiguous block of rows, so the global batch (and the training run) is the same
+    whatever the number of processes.
+    """
     if batch_size % process_count:
         raise DataError(f"global batch {batch_size} does not divide over {process_count} processes")
     windows, _ = split.windows(seq_len)
-    local_batch = batch_size // process_count
-    mine = grain.MapDataset.source(windows)[process_index::process_count]
-    if len(mine) < local_batch:
+    if len(windows) < batch_size:
         raise DataError(
-            f"only {len(mine)} windows of {seq_len + 1} tokens for a batch of {local_batch}; "
+            f"only {len(windows)} windows of {seq_len + 1} tokens for a batch of {batch_size}; "
             "use more data, a smaller batch or a shorter seq_len"
         )
+    local = batch_size // process_count
+    first = process_index * local
     dataset = (
-        mine.shuffle(seed=seed)
+        grain.MapDataset.source(windows)
+        .shuffle(seed=seed)
         .repeat(None)
-        .map(lambda w: np.asarray(w, dtype=np.int32))
-        .batch(local_batch, drop_remainder=True)
+        .batch(batch_size, drop_remainder=True)
+        .map(lambda b: np.asarray(b[first : first + local], dtype=np.int32))
     )
     return dataset.to_iter_dataset()
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
 from dsjax.model.layers import apply_rope, rms_norm, softmax_scale
+from meshes.rules import constrain
 
 
 def _queries(p, x_BTD, c: ModelConfig):
@@ -46,12 +47,16 @@ def attention(p, x_BTD, cos, sin, c: ModelConfig):
     q_nope, q_pe = _queries(p, x_BTD, c)
     q_pe = apply_rope(q_pe, cos, sin)
     ckv_BTC, kpe_BTR = latents(p, x_BTD, cos, sin, c)
+    # sequence parallelism gathers only the compressed latents (kv_lora + rope values per token)
+    ckv_BTC = constrain(ckv_BTC, ("batch", "kv_sequence", None))
+    kpe_BTR = constrain(kpe_BTR, ("batch", "kv_sequence", None))
     # heads-first layouts: XLA:CPU runs the batched score matmuls ~1.7x faster this way
     kv_BHTK = jnp.einsum("btc,chk->bhtk", ckv_BTC, p["kv_b_proj"]["kernel"].astype(dtype))
     k_nope, v_BHTV = kv_BHTK[..., : c.qk_nope_head_dim], kv_BHTK[..., c.qk_nope_head_dim :]
     q_BHTK = jnp.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)
     kpe_BHTR = jnp.broadcast_to(kpe_BTR[:, None], (B, H, T, c.qk_rope_head_dim))
-    k_BHTK = jnp.concatenate([k_nope, kpe_BHTR], axis=-1)
+    k_BHTK = constrain(jnp.concatenate([k_nope, kpe_BHTR], axis=-1), ("batch", "activation_heads", "kv_sequence", None))
+    q_BHTK = constrain(q_BHTK, ("batch", "activation_heads", "sequence", None))
     scores_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_BHTK, preferred_element_type=jnp.float32)
     scores_BHTS = scores_BHTS * softmax_scale(c)
     causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))

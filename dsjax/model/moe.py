@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
 from dsjax.model.layers import swiglu
+from meshes.expert_parallel import ep_size, expert_parallel
 
 
 def route(logits_TE, bias_E, c: ModelConfig):
@@ -60,17 +61,26 @@ def balance_loss(scores_BTE, expert_idx_BTK, c: ModelConfig):
     return c.aux_loss_alpha * jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
 
 
-def _experts_dense(experts, x_TD, expert_idx_TK, gate_TK):
+def combine_weights(expert_idx_TK, gate_TK, E: int):
+    """[T, E] gate value of each (token, expert) pair; zero where the expert was not chosen."""
+    return jnp.sum(jax.nn.one_hot(expert_idx_TK, E, dtype=jnp.float32) * gate_TK[..., None], axis=1)
+
+
+def experts_masked(experts, x_TD, combine_TE):
     # Every expert as one wide matmul over [D, E*F]: on CPU this is ~3x faster than a
     # per-expert einsum, and for few experts faster than computing only the chosen ones.
     dtype = x_TD.dtype
     E, D, F = experts["gate_proj"].shape
-    combine_TE = jnp.sum(jax.nn.one_hot(expert_idx_TK, E, dtype=jnp.float32) * gate_TK[..., None], axis=1)
     gate_DX = experts["gate_proj"].astype(dtype).transpose(1, 0, 2).reshape(D, E * F)
     up_DX = experts["up_proj"].astype(dtype).transpose(1, 0, 2).reshape(D, E * F)
     hidden_TX = jax.nn.silu(x_TD @ gate_DX) * (x_TD @ up_DX)
     hidden_TX = (hidden_TX.reshape(-1, E, F) * combine_TE.astype(dtype)[..., None]).reshape(-1, E * F)
     return hidden_TX @ experts["down_proj"].astype(dtype).reshape(E * F, D)
+
+
+def _experts_dense(experts, x_TD, expert_idx_TK, gate_TK):
+    combine_TE = combine_weights(expert_idx_TK, gate_TK, experts["gate_proj"].shape[0])
+    return experts_masked(experts, x_TD, combine_TE)
 
 
 def _experts_ragged(experts, x_TD, expert_idx_TK, gate_TK):
@@ -102,12 +112,17 @@ def moe(p, x_BTD, c: ModelConfig, impl: str = "auto"):
     x_TD = x_BTD.reshape(B * T, D)
     logits_TE = jnp.dot(x_TD, p["gate"]["kernel"].astype(x_TD.dtype), preferred_element_type=jnp.float32)
     expert_idx_TK, gate_TK, scores_TE = route(logits_TE, p["gate"]["e_score_correction_bias"], c)
-    experts_fn = _experts_dense if resolve_impl(impl) == "dense" else _experts_ragged
-    out_TD = experts_fn(p["experts"], x_TD, expert_idx_TK, gate_TK)
+    K, E = c.num_experts_per_tok, c.n_routed_experts
+    if ep_size() > 1:
+        # experts split over ep (replicate-and-mask; the ragged path has no EP form yet)
+        combine_BTE = combine_weights(expert_idx_TK, gate_TK, E).reshape(B, T, E)
+        out_TD = expert_parallel(experts_masked, p["experts"], x_BTD, combine_BTE).reshape(B * T, D)
+    else:
+        experts_fn = _experts_dense if resolve_impl(impl) == "dense" else _experts_ragged
+        out_TD = experts_fn(p["experts"], x_TD, expert_idx_TK, gate_TK)
     if "shared_experts" in p:
         s = p["shared_experts"]
         out_TD = out_TD + swiglu(x_TD, s["gate_proj"]["kernel"], s["up_proj"]["kernel"], s["down_proj"]["kernel"])
-    K, E = c.num_experts_per_tok, c.n_routed_experts
     aux_loss = balance_loss(scores_TE.reshape(B, T, E), expert_idx_TK.reshape(B, T, K), c)
     load_E = jnp.bincount(expert_idx_TK.reshape(-1), length=E).astype(jnp.float32) / (B * T * K)
     return out_TD.reshape(B, T, D), aux_loss, load_E

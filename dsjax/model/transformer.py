@@ -16,6 +16,9 @@ from dsjax.config import ModelConfig, resolve_compute_dtype
 from dsjax.model import mla
 from dsjax.model.layers import rms_norm, rope_cos_sin, swiglu
 from dsjax.model.moe import bias_update, moe
+from meshes.rules import constrain
+
+ACTIVATION = ("batch", "sequence", "activation_embed")
 
 
 def compute_dtype(c: ModelConfig):
@@ -34,7 +37,7 @@ def decoder_layer(p, x_BTD, cos, sin, c: ModelConfig, moe_impl: str = "auto"):
     x_BTD = x_BTD + mla.attention(p["self_attn"], h, cos, sin, c)
     h = rms_norm(x_BTD, p["post_attention_layernorm"]["scale"], c.rms_norm_eps)
     out, aux_loss, load = _feed_forward(p["mlp"], h, c, moe_impl)
-    return x_BTD + out, aux_loss, load
+    return constrain(x_BTD + out, ACTIVATION), aux_loss, load
 
 
 def _layer_fn(c: ModelConfig, moe_impl: str):
@@ -51,7 +54,8 @@ def logits_from_hidden(params, h_BTD, norm_scale, c: ModelConfig):
         head_DV = params["embed_tokens"]["embedding"].T
     else:
         head_DV = params["lm_head"]["kernel"]
-    return jnp.dot(h, head_DV.astype(h.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.dot(h, head_DV.astype(h.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "sequence", "activation_vocab"))
 
 
 def embed(params, tokens_BT, dtype):
@@ -73,7 +77,7 @@ def forward(params, tokens_BT, c: ModelConfig, *, with_mtp: bool = False, moe_im
     dtype = compute_dtype(c)
     B, T = tokens_BT.shape
     cos, sin = rope_cos_sin(c, jnp.arange(T)[None, :])
-    x_BTD = embed(params, tokens_BT, dtype)
+    x_BTD = constrain(embed(params, tokens_BT, dtype), ACTIVATION)
     layer = _layer_fn(c, moe_impl)
     total_aux = jnp.zeros((), jnp.float32)
     loads = []

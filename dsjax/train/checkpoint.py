@@ -113,7 +113,7 @@ class CheckpointStore:
         step, training_state, config_dict, tokenizer_path = self._pending_extras
         self._pending_extras = None
         folder = step_dir(self.run_dir, step)
-        if folder.is_dir():  # retention may already have removed it
+        if folder.is_dir() and jax.process_index() == 0:  # retention may already have removed it
             (folder / "config.json").write_text(json.dumps(config_dict, indent=2))
             (folder / "training_state.json").write_text(json.dumps(training_state, indent=2))
             if tokenizer_path is not None:
@@ -155,9 +155,12 @@ class CheckpointStore:
             "checkpoint %s is incomplete or corrupted (%s: %s); moved to %s, falling back to the previous one",
             folder, err.__class__.__name__, first_line, aside.name,
         )
-        if folder.exists():
+        from dsjax.train.distributed import barrier
+
+        if folder.exists() and jax.process_index() == 0:
             shutil.rmtree(aside, ignore_errors=True)
             folder.rename(aside)
+        barrier(f"dsjax-set-aside-{step}")
         self.manager.reload()
 
     def latest_restorable(self, abstract_state, config: Config):
@@ -203,14 +206,26 @@ def config_differences(saved: dict, config: Config) -> list[str]:
 
 
 def save_final(run_dir: Path, params, config: Config, training_state: dict, tokenizer_path: Path) -> Path:
-    """Write final/ to a temporary folder, then swap it in, so a crash never leaves half a final/."""
+    """Write final/ to a temporary folder, then swap it in, so a crash never leaves half a final/.
+
+    Every process writes its shards of the params; the primary process writes the
+    small files and does the swap.
+    """
+    from dsjax.train.distributed import barrier, is_primary
+
     run_dir = Path(run_dir).absolute()
     final, tmp = run_dir / FINAL, run_dir / f".{FINAL}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if is_primary():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier("dsjax-final-mkdir")
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp / "params", params)
     checkpointer.wait_until_finished()
+    barrier("dsjax-final-saved")
+    if not is_primary():
+        barrier("dsjax-final-done")
+        return final
     (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     (tmp / "training_state.json").write_text(json.dumps(training_state, indent=2))
     shutil.copy2(tokenizer_path, tmp / "tokenizer.model")
@@ -220,6 +235,7 @@ def save_final(run_dir: Path, params, config: Config, training_state: dict, toke
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+    barrier("dsjax-final-done")
     return final
 
 

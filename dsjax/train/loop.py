@@ -20,7 +20,16 @@ from dsjax.progress import console, training_progress
 from dsjax.train import checkpoint
 from dsjax.train.metrics import MetricsWriter, finite, plot_losses
 from dsjax.train.signals import GracefulStop, StopRequested
-from dsjax.train.step import abstract_state, init_state, make_eval_step, make_train_step
+from dsjax.train import distributed
+from dsjax.train.checkpoint import with_shardings
+from dsjax.train.step import (
+    abstract_state,
+    batch_sharding,
+    init_state,
+    make_eval_step,
+    make_train_step,
+    state_shardings_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +49,15 @@ class RunPaths:
         return cls(Path(t.checkpoint_dir) / run_name, Path(t.output_dir) / run_name)
 
 
-def evaluate(eval_step, params, split, config: Config) -> dict[str, float]:
+def evaluate(eval_step, params, split, config: Config, mesh=None) -> dict[str, float]:
     """Next-token loss (nats/token) and bits per byte over the valid split (or its first eval_batches)."""
     t = config.training
+    rows, weights = distributed.eval_data_shardings(mesh)
     totals = jnp.zeros(3, jnp.float32)
     for windows, byte_counts, weight in eval_batches(split, t.seq_len, t.batch_size, t.eval_batches):
+        if mesh is not None:
+            windows, byte_counts = (distributed.to_global(distributed.local_rows(a), rows) for a in (windows, byte_counts))
+            weight = distributed.to_global(distributed.local_rows(weight), weights)
         totals = totals + jnp.stack(eval_step(params, windows, byte_counts, weight))
     nats, tokens, text_bytes = (float(x) for x in totals)
     return {"val_loss": nats / tokens, "val_bpb": nats / (math.log(2) * text_bytes), "val_tokens": tokens}
@@ -55,7 +68,7 @@ def _mean_metrics(pending: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
 
 
-def pretrain(config: Config, run_name: str, resume: bool = False) -> dict:
+def pretrain(config: Config, run_name: str, resume: bool = False, device_count: int | None = None) -> dict:
     """Train per `config`; returns the summary written to training_log.json."""
     t, c = config.training, config.model
     paths = RunPaths.for_run(config, run_name)
@@ -73,10 +86,11 @@ def pretrain(config: Config, run_name: str, resume: bool = False) -> dict:
     )
     data_iter = iter(dataset)
 
+    mesh, shape = distributed.setup_mesh(config, device_count)
     store = checkpoint.CheckpointStore(paths.checkpoints, t.max_to_keep, t.keep_every)
     # every exit path (normal end, error, signal) waits for the in-flight async save
     try:
-        summary = _train(config, run_name, resume, paths, tokenizer, train_split, valid_split, data_iter, store)
+        summary = _train(config, run_name, resume, paths, tokenizer, train_split, valid_split, data_iter, store, mesh, shape)
     except BaseException:
         try:
             store.close()
@@ -87,14 +101,19 @@ def pretrain(config: Config, run_name: str, resume: bool = False) -> dict:
     return summary
 
 
-def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split, data_iter, store) -> dict:
+def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split, data_iter, store, mesh, shape) -> dict:
     t = config.training
     accum, micro = t.gradient_accumulation_steps, t.batch_size
+    abstract = abstract_state(config)
+    shardings = state_shardings_for(config, mesh) if mesh is not None else None
+    if mesh is not None:
+        log.info(distributed.describe(mesh, shape, config, abstract, shardings))
+        abstract = with_shardings(abstract, shardings)
     state = None
     start_step, tokens_seen, wall_before = 0, 0, 0.0
     best_val, last_val = math.inf, None
     if resume:
-        found = store.latest_restorable(abstract_state(config), config)
+        found = store.latest_restorable(abstract, config)
         if found is None:
             log.warning("--resume: no usable checkpoint in %s; starting from scratch", paths.checkpoints)
         else:
@@ -107,15 +126,20 @@ def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split,
             last_val = saved.get("val_loss")
             log.info("resumed from %s at step %d", checkpoint.step_dir(paths.checkpoints, step), start_step)
     if state is None:
-        state = init_state(config, jax.random.key(t.seed))
+        init = jax.jit(init_state, static_argnums=0, out_shardings=shardings)
+        state = init(config, jax.random.key(t.seed))
 
-    writer = MetricsWriter(paths.outputs, resume=start_step > 0)
+    primary = distributed.is_primary()
+    writer = MetricsWriter(paths.outputs, resume=start_step > 0, enabled=primary)
     if start_step > 0:
         writer.truncate_after(start_step)
-    (paths.outputs / "training_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if primary:
+        (paths.outputs / "training_config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
-    train_step = make_train_step(config)
-    eval_step = make_eval_step(config)
+    train_step = make_train_step(config, mesh=mesh)
+    eval_step = make_eval_step(config, mesh=mesh)
+    batch_layout = batch_sharding(mesh) if mesh is not None else None
+    local_micro = micro // jax.process_count()
     tokens_per_step = micro * accum * t.seq_len
     pending: list[dict] = []
     run_start = time.perf_counter()
@@ -153,7 +177,8 @@ def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split,
     with training_progress() as progress, GracefulStop() as stop:
         task = progress.add_task("train", total=t.max_steps, completed=start_step, loss="-", lr="-", tps="-")
         for step in range(start_step + 1, t.max_steps + 1):
-            batch = np.asarray(next(data_iter)).reshape(accum, micro, t.seq_len + 1)
+            local = np.asarray(next(data_iter)).reshape(accum, local_micro, t.seq_len + 1)
+            batch = distributed.to_global(local, batch_layout)
             state, metrics = train_step(state, batch)
             pending.append(metrics)
             tokens_seen += tokens_per_step
@@ -173,7 +198,7 @@ def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split,
                 )
             if step % t.eval_interval == 0 or is_last:
                 flush(step)
-                ev = evaluate(eval_step, state.params, valid_split, config)
+                ev = evaluate(eval_step, state.params, valid_split, config, mesh)
                 best_val, last_val = min(best_val, ev["val_loss"]), ev["val_loss"]
                 row.update(val_loss=ev["val_loss"], val_bpb=ev["val_bpb"])
                 log.info("step %d | val loss %.4f | val %.4f bits/byte", step, ev["val_loss"], ev["val_bpb"])
@@ -200,7 +225,8 @@ def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split,
     summary["checkpoint_blocking_sec"] = store.blocking_seconds
     final_dir = checkpoint.save_final(paths.checkpoints, state.params, config, summary, tokenizer.path)
     writer.write_log(summary)
-    plot = plot_losses(writer.rows, paths.outputs / "loss.png", f"dsjax {run_name}")
-    console.print(f"[bold green]done[/] final checkpoint: {final_dir}  metrics: {writer.csv_path}  plot: {plot}")
+    if primary:
+        plot = plot_losses(writer.rows, paths.outputs / "loss.png", f"dsjax {run_name}")
+        console.print(f"[bold green]done[/] final checkpoint: {final_dir}  metrics: {writer.csv_path}  plot: {plot}")
     log.info("checkpointing blocked training for %.2fs over %d saves", store.blocking_seconds, store.saves)
     return summary

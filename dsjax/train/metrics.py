@@ -27,12 +27,15 @@ METRIC_COLUMNS = [
 class MetricsWriter:
     """Appends one CSV row per log interval (train columns averaged over the interval) or eval."""
 
-    def __init__(self, out_dir: Path, resume: bool):
+    def __init__(self, out_dir: Path, resume: bool, enabled: bool = True):
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.out_dir / "metrics.csv"
         self.log_path = self.out_dir / "training_log.json"
         self.rows: list[dict] = []
+        self.enabled = enabled  # in a multi-host run only the primary process writes files
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume and self.csv_path.is_file():
             with open(self.csv_path) as f:
                 self.rows = [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
@@ -43,6 +46,8 @@ class MetricsWriter:
     def truncate_after(self, step: int) -> None:
         """On resume, forget rows past the checkpoint being resumed (they will be recomputed)."""
         self.rows = [r for r in self.rows if r.get("step") is not None and r["step"] <= step]
+        if not self.enabled:
+            return
         with open(self.csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
             writer.writeheader()
@@ -52,10 +57,14 @@ class MetricsWriter:
     def write(self, row: dict) -> None:
         clean = {k: row.get(k, "") for k in METRIC_COLUMNS}
         self.rows.append(clean)
+        if not self.enabled:
+            return
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow(clean)
 
     def write_log(self, summary: dict) -> None:
+        if not self.enabled:
+            return
         self.log_path.write_text(json.dumps({"summary": summary, "history": self.rows}, indent=2, default=float))
 
 

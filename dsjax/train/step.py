@@ -8,10 +8,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax import model
 from dsjax.config import Config
 from dsjax.train.optimizer import lr_schedule, make_optimizer
+from meshes import rules
+from meshes.mesh import BATCH_AXES
 
 
 @struct.dataclass
@@ -31,8 +34,13 @@ def abstract_state(config: Config) -> TrainState:
     return jax.eval_shape(lambda: init_state(config, jax.random.key(0)))
 
 
-def make_train_step(config: Config, moe_impl: str = "auto"):
-    """train_step(state, batch_ABT1) -> (state, metrics); A = gradient-accumulation microbatches."""
+def make_train_step(config: Config, moe_impl: str = "auto", mesh=None):
+    """train_step(state, batch_ABT1) -> (state, metrics); A = gradient-accumulation microbatches.
+
+    With a mesh, the state is laid out by the logical-axis rules (optimizer moments
+    ZeRO-split over dp) and the batch split over (dp, ep); the step runs under the
+    mesh so the model's sharding constraints and expert-parallel shard_map apply.
+    """
     c, t = config.model, config.training
     optimizer = make_optimizer(t)
     schedule = lr_schedule(t)
@@ -62,10 +70,33 @@ def make_train_step(config: Config, moe_impl: str = "auto"):
         metrics["lr"] = schedule(state.step)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    shardings = state_shardings_for(config, mesh)
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(shardings, batch_sharding(mesh)),
+        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
+
+    def sharded_step(state, batch_ABT1):
+        with jax.set_mesh(mesh):
+            return jitted(state, batch_ABT1)
+
+    return sharded_step
 
 
-def make_eval_step(config: Config, moe_impl: str = "auto"):
+def batch_sharding(mesh) -> NamedSharding:
+    """Batches [A, B, T+1]: the B axis split over the data-parallel axes."""
+    return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None))
+
+
+def state_shardings_for(config: Config, mesh):
+    return rules.state_shardings(mesh, abstract_state(config), model.logical_axes(config.model))
+
+
+def make_eval_step(config: Config, moe_impl: str = "auto", mesh=None):
     """eval_step(params, windows_BT1, bytes_BT1, weight_B) -> (nats, tokens, bytes) summed over the batch."""
     c = config.model
 
@@ -77,4 +108,14 @@ def make_eval_step(config: Config, moe_impl: str = "auto"):
         text_bytes = jnp.sum(bytes_BT1[:, 1:].astype(jnp.float32) * weight_B[:, None])
         return nats, tokens, text_bytes
 
-    return jax.jit(eval_step)
+    if mesh is None:
+        return jax.jit(eval_step)
+    data = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+    params = state_shardings_for(config, mesh).params
+    jitted = jax.jit(eval_step, in_shardings=(params, data, data, NamedSharding(mesh, PartitionSpec(BATCH_AXES))))
+
+    def sharded_eval(*args):
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+
+    return sharded_eval

@@ -1,0 +1,1 @@
+"""Device meshes: construction, the logical-axis rules table, and the expert-parallel schedule."""
