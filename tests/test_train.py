@@ -25,7 +25,7 @@ def trained(tmp_path_factory, tinystories_dir):
         "--data-dir", tinystories_dir, "--work-dir", root / "data", "--checkpoint-dir", root / "checkpoints",
         "--output-dir", root / "outputs", "--run-name", "e2e", "--batch-size", 8, "--seq-len", 64,
         "--log-interval", 3, "--eval-interval", 6, "--checkpoint-interval", 6, "--eval-batches", 4,
-        "--warmup-steps", 3,
+        "--warmup-steps", 3, "--gpus", 1,  # one device here; meshes are tested in test_mesh/test_multihost
     ]
     assert run_cli(*common, "--max-steps", 12) == 0
     return root, common
@@ -90,7 +90,7 @@ def test_divergence_stops_with_clear_message_and_keeps_checkpoint(tmp_path, tiny
         "--data-dir", tinystories_dir, "--work-dir", root / "data", "--checkpoint-dir", tmp_path / "ck",
         "--output-dir", tmp_path / "out", "--run-name", "boom", "--batch-size", 8, "--seq-len", 64,
         "--log-interval", 1, "--checkpoint-interval", 1, "--eval-interval", 100, "--warmup-steps", 0,
-        "--learning-rate", 1e30, "--max-steps", 6,
+        "--learning-rate", 1e30, "--max-steps", 6, "--gpus", 1,
     )
     err = capsys.readouterr().err
     assert code == 3
