@@ -13,10 +13,13 @@ def token_cross_entropy(logits_BTV, targets_BT):
     """Per-token negative log-likelihood in nats (fp32)."""
     logits = logits_BTV.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    # a masked sum instead of a gather: with the vocabulary split over tp, each shard
-    # sums its own slice and one all-reduce finishes it (no shard gathers the logits)
-    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    target_logit = jnp.sum(jnp.where(vocab_ids == targets_BT[..., None], logits, 0.0), axis=-1)
+    if jax.sharding.get_abstract_mesh().empty:
+        target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    else:
+        # a masked sum instead of a gather: with the vocabulary split over tp, each shard
+        # sums its own slice and one all-reduce finishes it (no shard gathers the logits)
+        vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+        target_logit = jnp.sum(jnp.where(vocab_ids == targets_BT[..., None], logits, 0.0), axis=-1)
     return log_z - target_logit
 
 
