@@ -109,13 +109,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dsjax.progress import console, setup_logging
 
     setup_logging(args.verbose)
-    if args.backend != "jax":
-        raise UsageError(f"--backend {args.backend} is not implemented yet; use --backend jax")
+    if args.backend == "mlx":
+        from dsjax.mlx_backend import require_mlx
+
+        require_mlx()
     stages = parse_stages(args.stages)
     config = resolve_run_config(args)
     if args.gpus is not None and args.gpus <= 0:
         raise UsageError(f"--gpus must be > 0, got {args.gpus}")
     total = requested_devices(config, args.gpus)
+    if args.backend == "mlx" and total and total > 1:
+        raise UsageError(f"--backend mlx runs on one device, but the mesh flags ask for {total}; drop them")
     if total:
         ensure_host_devices(total // max(args.num_processes or 1, 1))
     run_name = config.training.run_name or args.model_size
@@ -139,6 +143,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"no data at {data_dir} (needs train/stories.jsonl and valid/stories.jsonl); "
                 "add the data_prep stage, run `dsjax download`, or pass --data-dir"
             )
+        if args.backend == "mlx":
+            from dsjax.mlx_backend.loop import pretrain_mlx
+
+            pretrain_mlx(config, run_name, resume=args.resume)
+            return 0
         from dsjax.train.distributed import initialize_multihost
 
         initialize_multihost(args.coordinator, args.num_processes, args.process_id)
@@ -173,6 +182,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling.validate()
     params, config, tokenizer_path = load_final(Path(args.checkpoint))
     tokenizer = Tokenizer(tokenizer_path)
+    if args.backend == "mlx":
+        from dsjax.mlx_backend import require_mlx
+
+        require_mlx()
+        import jax
+
+        from dsjax.mlx_backend.generate import generate_tokens_mlx
+        from dsjax.mlx_backend.model import to_mlx
+
+        params = to_mlx(jax.device_get(params))
+        generate = generate_tokens_mlx
+    else:
+        generate = generate_tokens
     prompt_ids = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
     prompt_text = tokenizer.decode(prompt_ids)
     sys.stdout.write(prompt_text)
@@ -183,7 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     stats = stream_text(
-        generate_tokens(params, config.model, prompt_ids, sampling, eos_id=tokenizer.eos_id),
+        generate(params, config.model, prompt_ids, sampling, eos_id=tokenizer.eos_id),
         lambda ids: tokenizer.decode(prompt_ids + ids)[len(prompt_text):],
         write,
     )
@@ -272,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
     gen.add_argument("--checkpoint", required=True, help="a final/ folder, e.g. checkpoints/nano/final")
+    gen.add_argument("--backend", choices=BACKENDS, default="jax")
     gen.add_argument("--prompt", default="Once upon a time")
     gen.add_argument("--max-new-tokens", type=int, default=200)
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -305,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     from dsjax.infer.generate import SamplingError
     from dsjax.train.checkpoint import CheckpointError
     from dsjax.train.signals import StopRequested
+    from dsjax.mlx_backend import MLXUnavailable
     from meshes.mesh import MeshError
 
     try:
@@ -313,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsjax: config error: {err}", file=sys.stderr)
         return 2
     except (UsageError, DownloadError, TokenizerError, DataError, SamplingError, FileNotFoundError, MeshError) as err:
+        print(f"dsjax: error: {err}", file=sys.stderr)
+        return 2
+    except MLXUnavailable as err:
         print(f"dsjax: error: {err}", file=sys.stderr)
         return 2
     except CheckpointError as err:

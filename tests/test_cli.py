@@ -19,7 +19,7 @@ def test_help_works_as_console_script_and_module():
     [
         (["run", "--stages", "pretrian"], "unknown stage 'pretrian'; did you mean 'pretrain'"),
         (["run", "--stages", "sft"], "stage 'sft' is not implemented yet"),
-        (["run", "--backend", "mlx"], "--backend mlx is not implemented yet"),
+        (["run", "--backend", "mlx", "--tp-size", "2", "--dp-size", "1"], "--backend mlx runs on one device"),
         (["run", "--stages", "pretrain", "--data-dir", "/nonexistent/x"], "no data at /nonexistent/x"),
         (["run", "--max-steps", "0", "--stages", "pretrain"], "training.max_steps: must be > 0, got 0"),
         (["run", "--seq-len", "4096"], "training.seq_len: 4096 exceeds model.max_position_embeddings=1024"),
