@@ -154,3 +154,27 @@ def test_missing_mlx_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_mlx)
     with pytest.raises(MLXUnavailable, match=r"uv sync --extra mlx"):
         require_mlx()
+
+
+@pytest.mark.parametrize("first, second", [("mlx", "jax"), ("jax", "mlx")])
+def test_step_checkpoints_resume_on_the_other_backend(tmp_path, tinystories_dir, first, second):
+    """Train 8 steps on one backend (checkpoint every 4), drop step_8, resume from step_4 on the other."""
+    common = [
+        "run", "--model-size", "nano", "--data-dir", str(tinystories_dir), "--work-dir", str(tmp_path / "data"),
+        "--checkpoint-dir", str(tmp_path / "ck"), "--output-dir", str(tmp_path / "out"), "--batch-size", "4",
+        "--seq-len", "32", "--max-steps", "8", "--log-interval", "1", "--eval-interval", "100", "--eval-batches", "1",
+        "--checkpoint-interval", "4", "--warmup-steps", "2", "--gpus", "1", "--run-name", "cross",
+    ]
+    assert main([*common, "--backend", first]) == 0
+    with open(tmp_path / "out/cross/metrics.csv") as f:
+        reference = [float(r["loss"]) for r in csv.DictReader(f)]
+    import shutil
+
+    shutil.rmtree(tmp_path / "ck/cross/step_8")
+    shutil.rmtree(tmp_path / "ck/cross/final")
+    assert main([*common, "--backend", second, "--resume"]) == 0
+    with open(tmp_path / "out/cross/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    np.testing.assert_allclose([float(r["loss"]) for r in rows], reference, atol=CURVE_ATOL)
+    assert (tmp_path / "ck/cross/final/params").is_dir()
