@@ -34,6 +34,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tp",  # column-parallel gate/up, row-parallel down (dense, shared and routed experts)
     "exp": "ep",
     "norm": None,
+    "stage": "pp",  # pipeline stages: stacked decoder layers, one stage per pp index
+    "stage_layer": None,  # the layers within one stage
 }
 # ZeRO: optimizer moments are further split over the data axis along their first free dimension
 ZERO_AXIS = "dp"

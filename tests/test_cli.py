@@ -1,16 +1,21 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from dsjax.cli import main
 
 
+# the console script installed beside this interpreter (PATH may not include the venv)
+DSJAX = str(Path(sys.executable).parent / "dsjax")
+
+
 def test_help_works_as_console_script_and_module():
-    for cmd in (["dsjax", "--help"], [sys.executable, "-m", "dsjax", "--help"]):
+    for cmd in ([DSJAX, "--help"], [sys.executable, "-m", "dsjax", "--help"]):
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "run" in result.stdout and "generate" in result.stdout
-    result = subprocess.run(["dsjax", "run", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([DSJAX, "run", "--help"], capture_output=True, text=True, timeout=120)
     assert "--grad-accum" in result.stdout and "--resume" in result.stdout
 
 

@@ -23,11 +23,18 @@ def token_cross_entropy(logits_BTV, targets_BT):
     return log_z - target_logit
 
 
-def loss_fn(params, window_BT1, c: ModelConfig, *, with_mtp: bool = True, moe_impl: str = "auto"):
-    """window_BT1: packed token windows of length T + 1. Returns (loss, metrics)."""
+def loss_fn(
+    params, window_BT1, c: ModelConfig, *, with_mtp: bool = True, moe_impl: str = "auto", microbatches: int = 1
+):
+    """window_BT1: packed token windows of length T + 1. Returns (loss, metrics).
+
+    `microbatches` is the pipeline's microbatch count (used only when params hold pp stages).
+    """
     inputs_BT, targets_BT = window_BT1[:, :-1], window_BT1[:, 1:]
     use_mtp = with_mtp and c.num_nextn_predict_layers > 0
-    logits_BTV, aux = forward(params, inputs_BT, c, with_mtp=use_mtp, moe_impl=moe_impl)
+    logits_BTV, aux = forward(
+        params, inputs_BT, c, with_mtp=use_mtp, moe_impl=moe_impl, microbatches=microbatches
+    )
     ce = jnp.mean(token_cross_entropy(logits_BTV, targets_BT))
     loss = ce + aux["balance_loss"]
     metrics = {"ce_loss": ce, "balance_loss": aux["balance_loss"], "expert_load": aux["expert_load"]}

@@ -16,6 +16,7 @@ from dsjax.config import ModelConfig, resolve_compute_dtype
 from dsjax.model import mla
 from dsjax.model.layers import rms_norm, rope_cos_sin, swiglu
 from dsjax.model.moe import bias_update, moe
+from meshes import pipeline
 from meshes.rules import constrain
 
 ACTIVATION = ("batch", "sequence", "activation_embed")
@@ -66,13 +67,53 @@ def layer_names(params) -> list[str]:
     return sorted(params["layers"], key=int)
 
 
-def forward(params, tokens_BT, c: ModelConfig, *, with_mtp: bool = False, moe_impl: str = "auto"):
+def _stage_fn(c: ModelConfig, moe_impl: str):
+    """One pipeline stage: its L_s decoder layers in order, with per-microbatch stats.
+
+    Expert loads travel as routed-slot *counts*, so summing them over microbatches
+    and dividing once gives exactly the load the sequential model computes.
+    """
+
+    def stage(p_L, x_BTD, cos, sin):
+        B, T, _ = x_BTD.shape
+        slots = B * T * c.num_experts_per_tok
+
+        def one_layer(x, p):
+            x, aux_loss, load = decoder_layer(p, x, cos, sin, c, moe_impl)
+            counts = jnp.round(load * slots) if load is not None else jnp.zeros((0,), jnp.float32)
+            return x, (jnp.asarray(aux_loss, jnp.float32), counts)
+
+        x_BTD, (aux_L, counts_LE) = jax.lax.scan(one_layer, x_BTD, p_L)
+        return x_BTD, {"balance_loss": jnp.sum(aux_L), "expert_counts": counts_LE}
+
+    return stage
+
+
+def _pipelined_layers(stages, x_BTD, cos, sin, c: ModelConfig, moe_impl: str, microbatches: int):
+    """The stacked decoder layers through the pp pipeline; returns (x_BTD, balance_loss, load_NE)."""
+    B, T, _ = x_BTD.shape
+    x_MBTD = constrain(pipeline.split_microbatches(x_BTD, microbatches), (None,) + ACTIVATION)
+    y_MBTD, stats = pipeline.gpipe(_stage_fn(c, moe_impl), stages, x_MBTD, (cos, sin))
+    x_BTD = constrain(pipeline.merge_microbatches(y_MBTD), ACTIVATION)
+    # each microbatch's balance loss is a mean over its sequences: average them
+    balance = jnp.sum(stats["balance_loss"]) / microbatches
+    counts_SLE = stats["expert_counts"]
+    load_NE = counts_SLE.reshape(-1, counts_SLE.shape[-1]) / (B * T * c.num_experts_per_tok)
+    return x_BTD, balance, load_NE
+
+
+def forward(
+    params, tokens_BT, c: ModelConfig, *, with_mtp: bool = False, moe_impl: str = "auto", microbatches: int = 1
+):
     """Returns (logits_BTV fp32, aux).
 
     aux: balance_loss (sum over MoE layers, MTP included), expert_load [n_moe, E]
     (rows in `moe_layer_paths` order), and when `with_mtp`, mtp_logits [D, B, T, V]:
     module k (1-based) at position i predicts token i + k + 1; its last k positions
     see wrapped-around inputs and must be masked by the loss.
+
+    When `params` holds pipeline stages (`meshes.pipeline.to_stages`, pp > 1),
+    those layers run as `microbatches` microbatches through the pp pipeline.
     """
     dtype = compute_dtype(c)
     B, T = tokens_BT.shape
@@ -85,7 +126,14 @@ def forward(params, tokens_BT, c: ModelConfig, *, with_mtp: bool = False, moe_im
         x_BTD, aux_loss, load = layer(params["layers"][name], x_BTD, cos, sin)
         total_aux = total_aux + aux_loss
         if load is not None:
-            loads.append(load)
+            loads.append(load[None])
+    if pipeline.STAGES_KEY in params:
+        x_BTD, aux_loss, load_NE = _pipelined_layers(
+            params[pipeline.STAGES_KEY], x_BTD, cos, sin, c, moe_impl, microbatches
+        )
+        total_aux = total_aux + aux_loss
+        if load_NE.shape[-1]:
+            loads.append(load_NE)
     logits_BTV = logits_from_hidden(params, x_BTD, params["norm"]["scale"], c)
     aux: dict[str, Any] = {}
     if with_mtp and "mtp" in params:
@@ -105,11 +153,11 @@ def forward(params, tokens_BT, c: ModelConfig, *, with_mtp: bool = False, moe_im
             h_BTD, aux_loss, load = layer(m["block"], h_BTD, cos, sin)
             total_aux = total_aux + aux_loss
             if load is not None:
-                loads.append(load)
+                loads.append(load[None])
             mtp_logits.append(logits_from_hidden(params, h_BTD, m["shared_head_norm"]["scale"], c))
         aux["mtp_logits"] = jnp.stack(mtp_logits)
     aux["balance_loss"] = total_aux
-    aux["expert_load"] = jnp.stack(loads) if loads else jnp.zeros((0, max(c.n_routed_experts, 1)))
+    aux["expert_load"] = jnp.concatenate(loads) if loads else jnp.zeros((0, max(c.n_routed_experts, 1)))
     return logits_BTV, aux
 
 
