@@ -50,6 +50,7 @@ RUN_OVERRIDES = {
     "tp_size": ("distributed", "tp_size"),
     "ep_size": ("distributed", "ep_size"),
     "sp_size": ("distributed", "sp_size"),
+    "microbatches": ("distributed", "microbatches"),
 }
 
 
@@ -279,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     mesh.add_argument("--gpus", type=int, help="total devices to use (default: all)")
     for axis, what in (("pp", "pipeline"), ("dp", "data (default -1)"), ("tp", "tensor"), ("ep", "expert"), ("sp", "sequence")):
         mesh.add_argument(f"--{axis}-size", type=int, help=f"{what} parallel size")
+    mesh.add_argument(
+        "--microbatches", type=int, metavar="M",
+        help="pipeline microbatches per step, >= pp size (default: the smallest count >= 2 x pp that divides the batch)",
+    )
     hosts = run.add_argument_group("several hosts (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
     hosts.add_argument("--coordinator", help="HOST:PORT of process 0")
     hosts.add_argument("--num-processes", type=int)

@@ -128,6 +128,7 @@ class DistributedConfig:
     tp_size: int = 1
     ep_size: int = 1
     sp_size: int = 1
+    microbatches: int = -1  # pipeline microbatches per step; -1: automatic (>= 2 * pp_size when the batch allows)
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,8 @@ _ALIASES: dict[str, dict[str, str]] = {
         "data_parallel": "dp_size",
         "expert_parallel": "ep_size",
         "sequence_parallel": "sp_size",
+        "num_microbatches": "microbatches",
+        "pipeline_microbatches": "microbatches",
     },
 }
 

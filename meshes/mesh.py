@@ -66,11 +66,59 @@ def resolve_shape(dist: DistributedConfig, device_count: int) -> MeshShape:
     return shape
 
 
-def validate(shape: MeshShape, config: Config) -> None:
-    """Every divisibility the sharding rules need, checked before anything compiles."""
+def resolve_microbatches(shape: MeshShape, config: Config) -> int:
+    """Pipeline microbatches per step: the configured count, or an automatic one.
+
+    Automatic: the smallest count >= 2 * pp that divides the per-replica batch
+    (bubble at most (S-1)/(3S-1), about a third), else the largest count >= pp
+    that does; validation reports a batch too small for either.
+    """
+    if shape.pp == 1:
+        return 1
+    if config.distributed.microbatches != -1:
+        return config.distributed.microbatches
+    per_replica = max(config.training.batch_size // shape.data_parallel, 1)
+    divisors = [d for d in range(1, per_replica + 1) if per_replica % d == 0]
+    roomy = [d for d in divisors if d >= 2 * shape.pp]
+    if roomy:
+        return min(roomy)
+    enough = [d for d in divisors if d >= shape.pp]
+    return max(enough) if enough else shape.pp
+
+
+def _validate_pipeline(shape: MeshShape, config: Config) -> None:
     m, t = config.model, config.training
-    if shape.pp != 1:
-        raise MeshError(f"pp_size={shape.pp}: pipeline parallelism is not implemented yet; use pp_size 1")
+    if shape.pp == 1:
+        if config.distributed.microbatches > 1:
+            raise MeshError(
+                f"microbatches={config.distributed.microbatches} applies to pipeline parallelism (pp_size > 1); "
+                "with pp_size=1 use --grad-accum to split a step"
+            )
+        return
+    first = min(m.first_k_dense_replace, m.num_hidden_layers)
+    staged = m.num_hidden_layers - first
+    if staged == 0 or staged % shape.pp:
+        raise MeshError(
+            f"pp_size={shape.pp}: the pipeline holds the {staged} decoder layers after the first "
+            f"{first} dense layer(s) (num_hidden_layers={m.num_hidden_layers}, first_k_dense_replace={first}), "
+            f"which do not split into {shape.pp} equal stages; choose a pp_size that divides {staged}"
+        )
+    M = resolve_microbatches(shape, config)
+    if M < shape.pp:
+        raise MeshError(
+            f"microbatches={M} is fewer than the pp_size={shape.pp} stages: every stage needs a microbatch "
+            f"in flight; use --microbatches >= {shape.pp} (bubble (S-1)/(M+S-1) shrinks as M grows)"
+        )
+    if t.batch_size % (M * shape.data_parallel):
+        raise MeshError(
+            f"batch_size={t.batch_size} does not split into microbatches={M} of equal size over the "
+            f"data-parallel size dp*ep={shape.data_parallel}: it must be divisible by {M * shape.data_parallel}"
+        )
+
+
+def validate(shape: MeshShape, config: Config) -> None:
+    """Every divisibility the sharding rules and the pipeline need, checked before anything compiles."""
+    m, t = config.model, config.training
     if m.n_routed_experts % shape.ep:
         raise MeshError(f"n_routed_experts={m.n_routed_experts} is not divisible by ep_size={shape.ep}")
     checks = [
@@ -90,6 +138,7 @@ def validate(shape: MeshShape, config: Config) -> None:
             f"batch_size={t.batch_size} is not divisible by the data-parallel size dp*ep="
             f"{shape.dp}*{shape.ep}={shape.data_parallel}"
         )
+    _validate_pipeline(shape, config)
 
 
 def make_mesh(shape: MeshShape, devices=None):

@@ -87,19 +87,6 @@ def stage_axes(axes_tree: dict[str, Any], first: int, stages: int) -> dict[str, 
     return out
 
 
-def map_params_like(tree, params_def, fn):
-    """Apply fn to every subtree of `tree` shaped like the params (params, mu, nu); keep the rest."""
-    if jax.tree.structure(tree) == params_def:
-        return fn(tree)
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # NamedTuple optax states
-        return type(tree)(*(map_params_like(x, params_def, fn) for x in tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(map_params_like(x, params_def, fn) for x in tree)
-    if isinstance(tree, dict):
-        return {k: map_params_like(v, params_def, fn) for k, v in tree.items()}
-    return tree
-
-
 # --- the schedule -----------------------------------------------------------------------------------
 
 

@@ -101,19 +101,20 @@ def state_shardings(mesh, abstract_state, axes_tree):
             return jax.tree.map(lambda sh, a: zero_sharding(mesh, sh, a.shape), params, subtree)
         return jax.tree.map(lambda _: replicated, subtree)
 
-    opt = _map_param_like(abstract_state.opt_state, params_def, for_subtree)
+    opt = map_params_like(abstract_state.opt_state, params_def, for_subtree)
     return abstract_state.replace(step=replicated, params=params, opt_state=opt)
 
 
-def _map_param_like(tree, params_def, fn):
+def map_params_like(tree, params_def, fn):
+    """Apply fn to every subtree of `tree` shaped like the params (params, AdamW mu/nu); recurse elsewhere."""
     if jax.tree.structure(tree) == params_def:
         return fn(tree)
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # NamedTuple optax states
-        return type(tree)(*(_map_param_like(x, params_def, fn) for x in tree))
+        return type(tree)(*(map_params_like(x, params_def, fn) for x in tree))
     if isinstance(tree, (tuple, list)):
-        return type(tree)(_map_param_like(x, params_def, fn) for x in tree)
+        return type(tree)(map_params_like(x, params_def, fn) for x in tree)
     if isinstance(tree, dict):
-        return {k: _map_param_like(v, params_def, fn) for k, v in tree.items()}
+        return {k: map_params_like(v, params_def, fn) for k, v in tree.items()}
     return fn(tree)
 
 

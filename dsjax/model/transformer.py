@@ -175,7 +175,17 @@ def apply_bias_updates(params, expert_load, c: ModelConfig, with_mtp: bool = Tru
     if not paths:
         return params
     params = jax.tree.map(lambda x: x, params)  # shallow-copy every dict level
+    if pipeline.STAGES_KEY in params:
+        # layers moved into pipeline stages: their rows are consecutive, in layer order
+        staged = [row for row, path in enumerate(paths) if path[0] == "layers" and path[1] not in params["layers"]]
+        gate = params[pipeline.STAGES_KEY]["mlp"]["gate"]
+        bias_SLE = gate["e_score_correction_bias"]
+        load_SLE = expert_load[staged[0] : staged[-1] + 1].reshape(bias_SLE.shape)
+        gate["e_score_correction_bias"] = bias_update(bias_SLE, load_SLE, c.bias_update_speed)
+        paths = [p if row not in staged else None for row, p in enumerate(paths)]
     for row, path in enumerate(paths):
+        if path is None:
+            continue
         node = params
         for key in path:
             node = node[key]

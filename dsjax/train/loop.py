@@ -25,11 +25,15 @@ from dsjax.train.checkpoint import with_shardings
 from dsjax.train.step import (
     abstract_state,
     batch_sharding,
+    checkpoint_converters,
     init_state,
     make_eval_step,
     make_train_step,
+    microbatches_for,
+    pipeline_stages,
     state_shardings_for,
 )
+from meshes.pipeline import bubble_fraction
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +108,24 @@ def pretrain(config: Config, run_name: str, resume: bool = False, device_count: 
 def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split, data_iter, store, mesh, shape) -> dict:
     t = config.training
     accum, micro = t.gradient_accumulation_steps, t.batch_size
+    stages = pipeline_stages(mesh)
+    # checkpoints hold the canonical layout; with pp stages training holds a staged one
     abstract = abstract_state(config)
     shardings = state_shardings_for(config, mesh) if mesh is not None else None
+    to_saved, to_train = checkpoint_converters(config, mesh)
     if mesh is not None:
-        log.info(distributed.describe(mesh, shape, config, abstract, shardings))
-        abstract = with_shardings(abstract, shardings)
+        log.info(distributed.describe(mesh, shape, config, abstract_state(config, stages), shardings))
+        if stages > 1:
+            M = microbatches_for(config, mesh)
+            log.info(
+                "pipeline: %d stages, %d microbatches per step, GPipe bubble %.0f%%",
+                stages, M, 100 * bubble_fraction(stages, M),
+            )
+        abstract = with_shardings(abstract, state_shardings_for(config, mesh, stages=1))
+    else:
+        # explicit target placement, so a checkpoint written by a mesh restores onto one device
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = with_shardings(abstract, jax.tree.map(lambda _: single, abstract))
     state = None
     start_step, tokens_seen, wall_before = 0, 0, 0.0
     best_val, last_val = math.inf, None
@@ -118,6 +135,7 @@ def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split,
             log.warning("--resume: no usable checkpoint in %s; starting from scratch", paths.checkpoints)
         else:
             step, (state, iter_state, saved, _) = found
+            state = to_train(state)
             data_iter.set_state(iter_state)
             start_step = int(state.step)
             tokens_seen = int(saved.get("tokens_seen", 0))
@@ -126,8 +144,8 @@ def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split,
             last_val = saved.get("val_loss")
             log.info("resumed from %s at step %d", checkpoint.step_dir(paths.checkpoints, step), start_step)
     if state is None:
-        init = jax.jit(init_state, static_argnums=0, out_shardings=shardings)
-        state = init(config, jax.random.key(t.seed))
+        init = jax.jit(init_state, static_argnums=(0, 2), out_shardings=shardings)
+        state = init(config, jax.random.key(t.seed), stages)
 
     primary = distributed.is_primary()
     writer = MetricsWriter(paths.outputs, resume=start_step > 0, enabled=primary)
@@ -208,7 +226,7 @@ def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split,
                 writer.write(row)
             if step % t.checkpoint_interval == 0 or is_last or stop.requested:
                 flush(step)
-                store.save(step, state, data_iter.get_state(), training_state(step), config, tokenizer.path)
+                store.save(step, to_saved(state), data_iter.get_state(), training_state(step), config, tokenizer.path)
                 last_saved = step
                 log.debug("saving %s", checkpoint.step_dir(paths.checkpoints, step))
             progress.update(task, completed=step)
@@ -223,7 +241,7 @@ def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split,
     summary = training_state(t.max_steps)
     store.wait_until_finished()
     summary["checkpoint_blocking_sec"] = store.blocking_seconds
-    final_dir = checkpoint.save_final(paths.checkpoints, state.params, config, summary, tokenizer.path)
+    final_dir = checkpoint.save_final(paths.checkpoints, to_saved(state).params, config, summary, tokenizer.path)
     writer.write_log(summary)
     if primary:
         plot = plot_losses(writer.rows, paths.outputs / "loss.png", f"dsjax {run_name}")

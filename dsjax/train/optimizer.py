@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from dsjax.config import TrainingConfig
@@ -28,9 +27,16 @@ def lr_schedule(t: TrainingConfig) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(peak / warmup, peak, warmup - 1), after], [warmup])
 
 
+NO_DECAY_LEAVES = ("scale", "e_score_correction_bias")  # RMSNorm scales and the routing bias
+
+
 def decay_mask(params):
-    """Weight decay on matrices only: norms and biases (1-D leaves) are not decayed."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """Weight decay on weight matrices only, never on norms or biases.
+
+    By leaf name rather than by rank: in the pipeline layout a norm's scale is
+    stacked to [stages, layers, D] but must still not be decayed.
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) not in NO_DECAY_LEAVES, params)
 
 
 def make_optimizer(t: TrainingConfig) -> optax.GradientTransformation:

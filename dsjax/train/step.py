@@ -13,8 +13,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dsjax import model
 from dsjax.config import Config
 from dsjax.train.optimizer import lr_schedule, make_optimizer
-from meshes import rules
-from meshes.mesh import BATCH_AXES
+from meshes import pipeline, rules
+from meshes.mesh import BATCH_AXES, MeshShape, resolve_microbatches
 
 
 @struct.dataclass
@@ -24,14 +24,65 @@ class TrainState:
     opt_state: Any
 
 
-def init_state(config: Config, rng: jax.Array) -> TrainState:
+def pipeline_stages(mesh) -> int:
+    """Pipeline stages of a mesh (1 without a mesh or without pp)."""
+    return 1 if mesh is None else int(dict(mesh.shape).get("pp", 1))
+
+
+def microbatches_for(config: Config, mesh) -> int:
+    if mesh is None:
+        return 1
+    return resolve_microbatches(MeshShape(**{a: int(n) for a, n in dict(mesh.shape).items()}), config)
+
+
+# --- layouts: the canonical per-layer tree (checkpoints, one device) and pp stages (training) ---------
+
+
+def _first_staged(config: Config) -> int:
+    return min(config.model.first_k_dense_replace, config.model.num_hidden_layers)
+
+
+def staged_state(state: TrainState, config: Config, stages: int) -> TrainState:
+    """Params and every params-shaped optimizer tree moved into the pp stage layout."""
+    if stages == 1:
+        return state
+    return _relayout(state, lambda tree: pipeline.to_stages(tree, _first_staged(config), stages))
+
+
+def canonical_state(state: TrainState, config: Config) -> TrainState:
+    """The inverse of `staged_state`: what checkpoints hold, so they restore on any mesh."""
+    if pipeline.STAGES_KEY not in state.params:
+        return state
+    return _relayout(state, lambda tree: pipeline.from_stages(tree, _first_staged(config)))
+
+
+def _relayout(state: TrainState, fn) -> TrainState:
+    """fn applied to the params and to each params-shaped optimizer tree (mu, nu); the rest kept."""
+    params_def = jax.tree.structure(state.params)
+    only_params_like = lambda tree: fn(tree) if jax.tree.structure(tree) == params_def else tree  # noqa: E731
+    return TrainState(
+        step=state.step,
+        params=fn(state.params),
+        opt_state=rules.map_params_like(state.opt_state, params_def, only_params_like),
+    )
+
+
+def logical_axes_for(config: Config, stages: int = 1):
+    axes = model.logical_axes(config.model)
+    return pipeline.stage_axes(axes, _first_staged(config), stages) if stages > 1 else axes
+
+
+def init_state(config: Config, rng: jax.Array, stages: int = 1) -> TrainState:
+    """Fresh state; with pp stages the same initial weights as one device, only laid out in stages."""
     params = model.init(config.model, rng)
+    if stages > 1:
+        params = pipeline.to_stages(params, _first_staged(config), stages)
     opt_state = make_optimizer(config.training).init(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
 
-def abstract_state(config: Config) -> TrainState:
-    return jax.eval_shape(lambda: init_state(config, jax.random.key(0)))
+def abstract_state(config: Config, stages: int = 1) -> TrainState:
+    return jax.eval_shape(lambda: init_state(config, jax.random.key(0), stages))
 
 
 def make_train_step(config: Config, moe_impl: str = "auto", mesh=None):
@@ -44,7 +95,10 @@ def make_train_step(config: Config, moe_impl: str = "auto", mesh=None):
     c, t = config.model, config.training
     optimizer = make_optimizer(t)
     schedule = lr_schedule(t)
-    grad_fn = jax.value_and_grad(lambda p, w: model.loss_fn(p, w, c, moe_impl=moe_impl), has_aux=True)
+    M = microbatches_for(config, mesh)
+    grad_fn = jax.value_and_grad(
+        lambda p, w: model.loss_fn(p, w, c, moe_impl=moe_impl, microbatches=M), has_aux=True
+    )
 
     def train_step(state: TrainState, batch_ABT1):
         A = batch_ABT1.shape[0]
@@ -92,16 +146,37 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None))
 
 
-def state_shardings_for(config: Config, mesh):
-    return rules.state_shardings(mesh, abstract_state(config), model.logical_axes(config.model))
+def state_shardings_for(config: Config, mesh, stages: int | None = None):
+    """Shardings of the train state on `mesh`, in the pp stage layout unless `stages` says otherwise."""
+    stages = pipeline_stages(mesh) if stages is None else stages
+    return rules.state_shardings(mesh, abstract_state(config, stages), logical_axes_for(config, stages))
+
+
+def checkpoint_converters(config: Config, mesh):
+    """(to_saved, to_train): between the training layout and the canonical one checkpoints hold.
+
+    Identity without pipeline stages. With them, jitted relayouts whose outputs land
+    directly in the target shardings (the canonical copy is replicated over pp).
+    """
+    stages = pipeline_stages(mesh)
+    if stages == 1:
+        return (lambda state: state), (lambda state: state)
+    to_saved = jax.jit(
+        lambda st: canonical_state(st, config), out_shardings=state_shardings_for(config, mesh, stages=1)
+    )
+    to_train = jax.jit(
+        lambda st: staged_state(st, config, stages), out_shardings=state_shardings_for(config, mesh)
+    )
+    return to_saved, to_train
 
 
 def make_eval_step(config: Config, moe_impl: str = "auto", mesh=None):
     """eval_step(params, windows_BT1, bytes_BT1, weight_B) -> (nats, tokens, bytes) summed over the batch."""
     c = config.model
+    M = microbatches_for(config, mesh)
 
     def eval_step(params, windows_BT1, bytes_BT1, weight_B):
-        logits_BTV, _ = model.forward(params, windows_BT1[:, :-1], c, moe_impl=moe_impl)
+        logits_BTV, _ = model.forward(params, windows_BT1[:, :-1], c, moe_impl=moe_impl, microbatches=M)
         nll_BT = model.token_cross_entropy(logits_BTV, windows_BT1[:, 1:])
         nats = jnp.sum(nll_BT * weight_B[:, None])
         tokens = jnp.sum(jnp.ones_like(nll_BT) * weight_B[:, None])
