@@ -129,5 +129,9 @@ def moe(p, x_BTD, c: ModelConfig, impl: str = "auto"):
 
 
 def bias_update(bias_E, load_E, speed: float):
-    """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
-    return bias_E + speed * jnp.sign(jnp.mean(load_E) - load_E)
+    """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones.
+
+    Leading axes (stacked pipeline layers [S, L_s, E]) are separate routers: each compares
+    its experts with its own mean load.
+    """
+    return bias_E + speed * jnp.sign(jnp.mean(load_E, axis=-1, keepdims=True) - load_E)
