@@ -131,7 +131,7 @@ def test_mesh_validation_errors():
         (MeshShape(tp=3), r"num_attention_heads=4 is not divisible by tp_size=3"),
         (MeshShape(sp=3), r"seq_len=32 is not divisible by sp_size=3"),
         (MeshShape(dp=4, ep=4), r"batch_size=8 is not divisible by the data-parallel size dp\*ep=4\*4=16"),
-        (MeshShape(pp=2), r"pipeline parallelism is not implemented yet"),
+        (MeshShape(pp=2), r"pp_size=2: the pipeline holds the 3 decoder layers .* do not split into 2 equal stages"),
     ]
     for shape, message in cases:
         with pytest.raises(MeshError, match=message):

@@ -138,6 +138,7 @@ def make_train_step(config: Config, moe_impl: str = "auto", mesh=None):
         with jax.set_mesh(mesh):
             return jitted(state, batch_ABT1)
 
+    sharded_step.jitted = jitted  # for inspection (compiled memory, HLO) under `jax.set_mesh(mesh)`
     return sharded_step
 
 
