@@ -51,6 +51,7 @@ RUN_OVERRIDES = {
     "ep_size": ("distributed", "ep_size"),
     "sp_size": ("distributed", "sp_size"),
     "microbatches": ("distributed", "microbatches"),
+    "pipeline_repeats": ("distributed", "pipeline_repeats"),
 }
 
 
@@ -283,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     mesh.add_argument(
         "--microbatches", type=int, metavar="M",
         help="pipeline microbatches per step, >= pp size (default: the smallest count >= 2 x pp that divides the batch)",
+    )
+    mesh.add_argument(
+        "--pipeline-repeats", type=int, metavar="R",
+        help="layer groups per pipeline stage: 1 = GPipe (default), R > 1 = circular schedule, bubble / R",
     )
     hosts = run.add_argument_group("several hosts (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
     hosts.add_argument("--coordinator", help="HOST:PORT of process 0")

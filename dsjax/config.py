@@ -129,6 +129,7 @@ class DistributedConfig:
     ep_size: int = 1
     sp_size: int = 1
     microbatches: int = -1  # pipeline microbatches per step; -1: automatic (>= 2 * pp_size when the batch allows)
+    pipeline_repeats: int = 1  # layer groups per stage: 1 = GPipe, > 1 = circular schedule
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ _ALIASES: dict[str, dict[str, str]] = {
         "sequence_parallel": "sp_size",
         "num_microbatches": "microbatches",
         "pipeline_microbatches": "microbatches",
+        "num_pipeline_repeats": "pipeline_repeats",
     },
 }
 
@@ -378,6 +380,8 @@ def validate(config: Config) -> None:
         value = getattr(t, key)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"training.{key}: must be in [0, 1), got {value}")
+    if d.pipeline_repeats < 1:
+        raise ConfigError(f"distributed.pipeline_repeats: must be >= 1 (1 = GPipe), got {d.pipeline_repeats}")
     for f in dataclasses.fields(d):
         value = getattr(d, f.name)
         if value == 0 or value < -1:

@@ -87,13 +87,15 @@ def resolve_microbatches(shape: MeshShape, config: Config) -> int:
 
 
 def _validate_pipeline(shape: MeshShape, config: Config) -> None:
-    m, t = config.model, config.training
+    m, t, d = config.model, config.training, config.distributed
     if shape.pp == 1:
-        if config.distributed.microbatches > 1:
+        if d.microbatches > 1:
             raise MeshError(
-                f"microbatches={config.distributed.microbatches} applies to pipeline parallelism (pp_size > 1); "
+                f"microbatches={d.microbatches} applies to pipeline parallelism (pp_size > 1); "
                 "with pp_size=1 use --grad-accum to split a step"
             )
+        if d.pipeline_repeats > 1:
+            raise MeshError(f"pipeline_repeats={d.pipeline_repeats} applies to pipeline parallelism (pp_size > 1)")
         return
     first = min(m.first_k_dense_replace, m.num_hidden_layers)
     staged = m.num_hidden_layers - first
@@ -103,11 +105,17 @@ def _validate_pipeline(shape: MeshShape, config: Config) -> None:
             f"{first} dense layer(s) (num_hidden_layers={m.num_hidden_layers}, first_k_dense_replace={first}), "
             f"which do not split into {shape.pp} equal stages; choose a pp_size that divides {staged}"
         )
+    if staged % (shape.pp * d.pipeline_repeats):
+        raise MeshError(
+            f"pipeline_repeats={d.pipeline_repeats}: the {staged} pipelined layers do not split into "
+            f"pp_size={shape.pp} stages x {d.pipeline_repeats} groups of equal size; "
+            f"pp_size x pipeline_repeats must divide {staged}"
+        )
     M = resolve_microbatches(shape, config)
     if M < shape.pp:
         raise MeshError(
             f"microbatches={M} is fewer than the pp_size={shape.pp} stages: every stage needs a microbatch "
-            f"in flight; use --microbatches >= {shape.pp} (bubble (S-1)/(M+S-1) shrinks as M grows)"
+            f"in flight; use --microbatches >= {shape.pp} (the bubble (S-1)/(R*M+S-1) shrinks as M grows)"
         )
     if t.batch_size % (M * shape.data_parallel):
         raise MeshError(

@@ -35,7 +35,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "exp": "ep",
     "norm": None,
     "stage": "pp",  # pipeline stages: stacked decoder layers, one stage per pp index
-    "stage_layer": None,  # the layers within one stage
+    "stage_repeat": None,  # a stage's layer groups (circular schedule)
+    "stage_layer": None,  # the layers within one group
 }
 # ZeRO: optimizer moments are further split over the data axis along their first free dimension
 ZERO_AXIS = "dp"

@@ -35,20 +35,26 @@ VARIANTS = {
     "nano": config_from_dict({"training": TRAINING}, load_config("nano")),
     "nano5": config_from_dict({"model": {"num_hidden_layers": 5}, "training": TRAINING}, load_config("nano")),
 }
-CASES = {  # name: (variant, mesh sizes, microbatches)
-    "pp2_m2": ("nano5", {"pp": 2}, 2),
-    "pp2_m8": ("nano5", {"pp": 2}, 8),
-    "pp4_m4": ("nano5", {"pp": 4}, 4),
-    "pp2_dp2_tp2_m4": ("nano5", {"pp": 2, "dp": 2, "tp": 2}, 4),
-    "pp2_ep2_sp2_m2": ("nano5", {"pp": 2, "ep": 2, "sp": 2}, 2),
-    "pp4_dp2_m4": ("nano5", {"pp": 4, "dp": 2}, 4),
-    "pp3_m4": ("nano", {"pp": 3}, 4),
+CASES = {  # name: (variant, mesh sizes, microbatches, layer groups per stage: 1 = GPipe, 2 = circular)
+    "pp2_m2": ("nano5", {"pp": 2}, 2, 1),
+    "pp2_m8": ("nano5", {"pp": 2}, 8, 1),
+    "pp4_m4": ("nano5", {"pp": 4}, 4, 1),
+    "pp2_dp2_tp2_m4": ("nano5", {"pp": 2, "dp": 2, "tp": 2}, 4, 1),
+    "pp2_ep2_sp2_m2": ("nano5", {"pp": 2, "ep": 2, "sp": 2}, 2, 1),
+    "pp4_dp2_m4": ("nano5", {"pp": 4, "dp": 2}, 4, 1),
+    "pp3_m4": ("nano", {"pp": 3}, 4, 1),
+    "pp2_r2_m2": ("nano5", {"pp": 2}, 2, 2),
+    "pp2_r2_m8": ("nano5", {"pp": 2}, 8, 2),
+    "pp2_dp2_tp2_r2_m4": ("nano5", {"pp": 2, "dp": 2, "tp": 2}, 4, 2),
+    "pp2_ep2_sp2_r2_m2": ("nano5", {"pp": 2, "ep": 2, "sp": 2}, 2, 2),
 }
 
 
-def case_config(variant, sizes, microbatches):
+def case_config(variant, sizes, microbatches, repeats=1):
     dist = {f"{a}_size": sizes.get(a, 1) for a in ("pp", "dp", "ep", "sp", "tp")}
-    return config_from_dict({"distributed": {**dist, "microbatches": microbatches}}, VARIANTS[variant])
+    return config_from_dict(
+        {"distributed": {**dist, "microbatches": microbatches, "pipeline_repeats": repeats}}, VARIANTS[variant]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +78,7 @@ def relative_error(a, b) -> float:
 def pipelined_value_and_grad(config, params, window):
     mesh, shape = build_mesh(config, jax.devices()[: int(np.prod([s for s in config_sizes(config)]))])
     stages, first = shape.pp, config.model.first_k_dense_replace
-    staged = pipeline.to_stages(params, first, stages)
+    staged = pipeline.to_stages(params, first, stages, config.distributed.pipeline_repeats)
     shardings = rules.param_shardings(mesh, logical_axes_for(config, stages), staged)
     tokens = jax.device_put(window, NamedSharding(mesh, PartitionSpec(("dp", "ep"), None)))
     M = resolve_microbatches(shape, config)
@@ -91,9 +97,9 @@ def config_sizes(config):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_loss_and_every_gradient_match_one_device(name, references):
-    variant, sizes, M = CASES[name]
+    variant, sizes, M, R = CASES[name]
     params, window, ref_loss, ref_load, ref_grads = references[variant]
-    config = case_config(variant, sizes, M)
+    config = case_config(variant, sizes, M, R)
     loss, metrics, grads = pipelined_value_and_grad(config, params, window)
     assert abs(float(loss) - ref_loss) <= GRAD_RTOL * abs(ref_loss)
     # routed-slot counts are summed over microbatches, so the loads that drive the bias update are exact
@@ -103,10 +109,10 @@ def test_loss_and_every_gradient_match_one_device(name, references):
         assert err <= GRAD_RTOL, f"{name}: {jax.tree_util.keystr(path)} differs by {err:.2e}"
 
 
-@pytest.mark.parametrize("name", ["pp2_ep2_sp2_m2", "pp4_dp2_m4"])
+@pytest.mark.parametrize("name", ["pp2_ep2_sp2_r2_m2", "pp4_dp2_m4"])
 def test_twenty_training_steps_match_one_device(name):
-    variant, sizes, M = CASES[name]
-    base, config = VARIANTS[variant], case_config(variant, sizes, M)
+    variant, sizes, M, R = CASES[name]
+    base, config = VARIANTS[variant], case_config(variant, sizes, M, R)
     # two batches in turn, so the model can memorise them and the loss visibly falls
     pair = np.asarray(jax.random.randint(jax.random.key(2), (2, 1, 8, 33), 0, base.model.vocab_size))
     batches = [pair[i % 2] for i in range(20)]
@@ -135,12 +141,14 @@ def test_twenty_training_steps_match_one_device(name):
         assert np.abs(bias(reference_params)).max() > 0
 
 
-def test_schedule_runs_m_plus_s_minus_1_overlapping_iterations():
-    """One scan of M+S-1 iterations inside the pp shard_map, each with exactly one ppermute; no host round trips."""
-    config = case_config("nano5", {"pp": 4}, 4)
-    mesh, shape = build_mesh(config, jax.devices()[:4])
-    S, M = shape.pp, resolve_microbatches(shape, config)
-    params = jax.eval_shape(lambda: pipeline.to_stages(model.init(config.model, jax.random.key(0)), 1, S))
+@pytest.mark.parametrize("sizes, M, R", [({"pp": 4}, 4, 1), ({"pp": 2}, 4, 2)], ids=["gpipe_pp4_m4", "circular_pp2_r2_m4"])
+def test_schedule_runs_r_m_plus_s_minus_1_overlapping_iterations(sizes, M, R):
+    """One scan of R*M+S-1 iterations inside the pp shard_map, each with exactly one ppermute; no host round trips."""
+    config = case_config("nano5", sizes, M, R)
+    mesh, shape = build_mesh(config, jax.devices()[: sizes["pp"]])
+    S = shape.pp
+    assert resolve_microbatches(shape, config) == M
+    params = jax.eval_shape(lambda: pipeline.to_stages(model.init(config.model, jax.random.key(0)), 1, S, R))
     window = jax.ShapeDtypeStruct((8, 33), jnp.int32)
     with jax.set_mesh(mesh):
         jaxpr = jax.make_jaxpr(lambda p, w: model.loss_fn(p, w, config.model, microbatches=M)[0])(params, window)
@@ -152,14 +160,14 @@ def test_schedule_runs_m_plus_s_minus_1_overlapping_iterations():
     ]
     assert len(pipelines) == 1
     scans = [e for e in _walk(pipelines[0].params["jaxpr"]) if e.primitive.name == "scan"]
-    schedule = [e for e in scans if e.params["length"] == M + S - 1]
+    schedule = [e for e in scans if e.params["length"] == R * M + S - 1]
     assert len(schedule) == 1, [e.params["length"] for e in scans]
     # every stage runs the same body on its own weights at once, and the body's only exchange between
-    # stages is one ppermute: stage s works on microbatch i - s while stage s + 1 works on i - s - 1
+    # stages is one ppermute: stage s works on item t - s while stage s + 1 works on item t - s - 1
     body = [e.primitive.name for e in _walk(schedule[0].params["jaxpr"].jaxpr)]
     assert body.count("ppermute") == 1
     assert [e.primitive.name for e in _walk(pipelines[0].params["jaxpr"])].count("ppermute") == 1
-    assert pipeline.bubble_fraction(S, M) == pytest.approx(3 / 7)
+    assert pipeline.bubble_fraction(S, M, R) == pytest.approx((S - 1) / (R * M + S - 1))
 
 
 def _walk(jaxpr):
@@ -184,19 +192,28 @@ def _subjaxprs(eqn):
 def test_layouts_round_trip_and_bias_update_matches():
     config = case_config("nano5", {"pp": 2}, 2)
     params = model.init(config.model, jax.random.key(0))
+    kernel = lambda p, i: p["layers"][str(i)]["self_attn"]["o_proj"]["kernel"]  # noqa: E731
+    for R in (1, 2):
+        staged = pipeline.to_stages(params, 1, 2, R)
+        assert staged["stages"]["mlp"]["experts"]["gate_proj"].shape == (2, R, 2 // R, 8, 128, 96)
+        assert sorted(staged["layers"]) == ["0"]
+        # layer 1 + (r*S + s)*L_g + l sits at [s, r, l]: with R = 2, stage 0 holds layers 1 and 3
+        for s in range(2):
+            for r in range(R):
+                for l in range(2 // R):
+                    layer = 1 + (r * 2 + s) * (2 // R) + l
+                    np.testing.assert_array_equal(staged["stages"]["self_attn"]["o_proj"]["kernel"][s, r, l], kernel(params, layer))
+        back = pipeline.from_stages(staged, 1)
+        assert jax.tree.structure(back) == jax.tree.structure(params)
+        for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+            np.testing.assert_array_equal(a, b)
+        # the same bias update through either layout (rows: 4 staged layers, then the MTP block)
+        load = jax.random.uniform(jax.random.key(5), (5, 8))
+        direct = model.apply_bias_updates(params, load, config.model)
+        via_stages = pipeline.from_stages(model.apply_bias_updates(staged, load, config.model), 1)
+        for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(via_stages)):
+            np.testing.assert_array_equal(a, b)
     staged = pipeline.to_stages(params, 1, 2)
-    assert staged["stages"]["mlp"]["experts"]["gate_proj"].shape == (2, 2, 8, 128, 96)
-    assert sorted(staged["layers"]) == ["0"]
-    back = pipeline.from_stages(staged, 1)
-    assert jax.tree.structure(back) == jax.tree.structure(params)
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(a, b)
-    # the same bias update through either layout (rows: 4 staged layers, then the MTP block)
-    load = jax.random.uniform(jax.random.key(5), (5, 8))
-    direct = model.apply_bias_updates(params, load, config.model)
-    via_stages = pipeline.from_stages(model.apply_bias_updates(staged, load, config.model), 1)
-    for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(via_stages)):
-        np.testing.assert_array_equal(a, b)
     # weight decay by name: exactly the matrices, in either layout (stacked norms are 3-D but not decayed)
     mask = decay_mask(params)
     assert jax.tree.leaves(mask) == [np.ndim(p) >= 2 for p in jax.tree.leaves(params)]
@@ -214,8 +231,8 @@ def test_stage_weights_and_moments_live_only_on_their_stage():
     mesh, _ = build_mesh(config)
     shardings = state_shardings_for(config, mesh)
     state = jax.device_put(init_state(config, jax.random.key(0), 2), shardings)
-    experts = state.params["stages"]["mlp"]["experts"]["gate_proj"]  # [S, L_s, E, D, F]
-    assert experts.addressable_shards[0].data.shape == (1, 2, 8, 128, 96 // 2)  # one stage, F over tp
+    experts = state.params["stages"]["mlp"]["experts"]["gate_proj"]  # [S, R, L_g, E, D, F]
+    assert experts.addressable_shards[0].data.shape == (1, 1, 2, 8, 128, 96 // 2)  # one stage, F over tp
     mu = state.opt_state[1][0].mu["stages"]["mlp"]["experts"]["gate_proj"]
     assert np.prod(mu.addressable_shards[0].data.shape) == np.prod(experts.shape) // 8  # pp, tp and ZeRO over dp
     # against the same mesh without stages (every pp device holding every layer): 4 of nano5's 7 blocks
@@ -236,6 +253,10 @@ def test_pipeline_validation_errors():
         validate(MeshShape(pp=2, dp=2), small_batch)
     with pytest.raises(MeshError, match=r"microbatches=4 applies to pipeline parallelism"):
         validate(MeshShape(dp=2), case_config("nano5", {}, 4))
+    with pytest.raises(MeshError, match=r"pipeline_repeats=2 applies to pipeline parallelism"):
+        validate(MeshShape(dp=2), case_config("nano5", {}, -1, 2))
+    with pytest.raises(MeshError, match=r"pipeline_repeats=2: the 4 pipelined layers do not split into pp_size=4 stages x 2"):
+        validate(MeshShape(pp=4), case_config("nano5", {"pp": 4}, 4, 2))
     # automatic microbatches: the smallest divisor of the per-replica batch >= 2 * pp, else the largest >= pp
     assert resolve_microbatches(MeshShape(pp=2), nano5) == 4
     assert resolve_microbatches(MeshShape(pp=3), nano) == 8

@@ -68,7 +68,7 @@ def layer_names(params) -> list[str]:
 
 
 def _stage_fn(c: ModelConfig, moe_impl: str):
-    """One pipeline stage: its L_s decoder layers in order, with per-microbatch stats.
+    """One layer group of a pipeline stage: its L_g decoder layers in order, with per-microbatch stats.
 
     Expert loads travel as routed-slot *counts*, so summing them over microbatches
     and dividing once gives exactly the load the sequential model computes.
@@ -93,12 +93,12 @@ def _pipelined_layers(stages, x_BTD, cos, sin, c: ModelConfig, moe_impl: str, mi
     """The stacked decoder layers through the pp pipeline; returns (x_BTD, balance_loss, load_NE)."""
     B, T, _ = x_BTD.shape
     x_MBTD = constrain(pipeline.split_microbatches(x_BTD, microbatches), (None,) + ACTIVATION)
-    y_MBTD, stats = pipeline.gpipe(_stage_fn(c, moe_impl), stages, x_MBTD, (cos, sin))
+    y_MBTD, stats = pipeline.run_pipeline(_stage_fn(c, moe_impl), stages, x_MBTD, (cos, sin))
     x_BTD = constrain(pipeline.merge_microbatches(y_MBTD), ACTIVATION)
     # each microbatch's balance loss is a mean over its sequences: average them
     balance = jnp.sum(stats["balance_loss"]) / microbatches
-    counts_SLE = stats["expert_counts"]
-    load_NE = counts_SLE.reshape(-1, counts_SLE.shape[-1]) / (B * T * c.num_experts_per_tok)
+    counts_SRLE = stats["expert_counts"]  # [S, R, L_g, E]: back to layer order
+    load_NE = pipeline.layer_major(counts_SRLE) / (B * T * c.num_experts_per_tok)
     return x_BTD, balance, load_NE
 
 
@@ -179,9 +179,9 @@ def apply_bias_updates(params, expert_load, c: ModelConfig, with_mtp: bool = Tru
         # layers moved into pipeline stages: their rows are consecutive, in layer order
         staged = [row for row, path in enumerate(paths) if path[0] == "layers" and path[1] not in params["layers"]]
         gate = params[pipeline.STAGES_KEY]["mlp"]["gate"]
-        bias_SLE = gate["e_score_correction_bias"]
-        load_SLE = expert_load[staged[0] : staged[-1] + 1].reshape(bias_SLE.shape)
-        gate["e_score_correction_bias"] = bias_update(bias_SLE, load_SLE, c.bias_update_speed)
+        bias_SRLE = gate["e_score_correction_bias"]
+        load_SRLE = pipeline.stage_major_like(expert_load[staged[0] : staged[-1] + 1], bias_SRLE)
+        gate["e_score_correction_bias"] = bias_update(bias_SRLE, load_SRLE, c.bias_update_speed)
         paths = [p if row not in staged else None for row, p in enumerate(paths)]
     for row, path in enumerate(paths):
         if path is None:

@@ -116,10 +116,10 @@ def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split,
     if mesh is not None:
         log.info(distributed.describe(mesh, shape, config, abstract_state(config, stages), shardings))
         if stages > 1:
-            M = microbatches_for(config, mesh)
+            M, R = microbatches_for(config, mesh), config.distributed.pipeline_repeats
             log.info(
-                "pipeline: %d stages, %d microbatches per step, GPipe bubble %.0f%%",
-                stages, M, 100 * bubble_fraction(stages, M),
+                "pipeline: %d stages x %d layer group(s) (%s), %d microbatches per step, bubble %.0f%%",
+                stages, R, "GPipe" if R == 1 else "circular", M, 100 * bubble_fraction(stages, M, R),
             )
         abstract = with_shardings(abstract, state_shardings_for(config, mesh, stages=1))
     else:

@@ -42,11 +42,15 @@ def _first_staged(config: Config) -> int:
     return min(config.model.first_k_dense_replace, config.model.num_hidden_layers)
 
 
+def _repeats(config: Config) -> int:
+    return config.distributed.pipeline_repeats
+
+
 def staged_state(state: TrainState, config: Config, stages: int) -> TrainState:
     """Params and every params-shaped optimizer tree moved into the pp stage layout."""
     if stages == 1:
         return state
-    return _relayout(state, lambda tree: pipeline.to_stages(tree, _first_staged(config), stages))
+    return _relayout(state, lambda tree: pipeline.to_stages(tree, _first_staged(config), stages, _repeats(config)))
 
 
 def canonical_state(state: TrainState, config: Config) -> TrainState:
@@ -76,7 +80,7 @@ def init_state(config: Config, rng: jax.Array, stages: int = 1) -> TrainState:
     """Fresh state; with pp stages the same initial weights as one device, only laid out in stages."""
     params = model.init(config.model, rng)
     if stages > 1:
-        params = pipeline.to_stages(params, _first_staged(config), stages)
+        params = pipeline.to_stages(params, _first_staged(config), stages, _repeats(config))
     opt_state = make_optimizer(config.training).init(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
