@@ -1,11 +1,11 @@
 """Per-device memory and CPU steps/s of `nano` on each tested mesh, pipeline meshes included.
 
     uv run python tests/bench_mesh.py                         # the mesh table in BENCHMARKS.md
-    uv run python tests/bench_mesh.py --layers 5 1 pp2 pp2,m8 pp4 pp4,m8 pp2,dp2,tp2
+    uv run python tests/bench_mesh.py --layers 5 1 pp2 pp2,m8 pp2,r2 pp4 pp4,m8 pp2,dp2,tp2
     uv run python tests/bench_mesh.py 1 pp3 pp3,m16           # nano itself: 3 layers after its dense one
 
 A mesh is written like `dp2,tp2,ep2`; `mK` sets the pipeline's microbatch count
-(default: automatic). `--layers N` overrides num_hidden_layers (nano's 3 staged
+(default: automatic) and `rK` its layer groups per stage (circular schedule). `--layers N` overrides num_hidden_layers (nano's 3 staged
 layers divide only by 3). On a CPU the 8 "devices" share the host's cores, so
 steps/s shows the cost of the sharded program (collectives, layout changes, the
 pipeline's bubble), not a speed-up.
@@ -38,20 +38,22 @@ from meshes.pipeline import bubble_fraction  # noqa: E402
 MESHES = ["1", "dp8", "dp2,tp2,ep2", "dp2,ep2,sp2", "tp2,sp2,ep2", "dp2,ep4", "tp2,sp4", "tp2", "ep2", "sp4", "dp2,tp2"]
 
 
-def parse(spec: str) -> tuple[dict[str, int], int]:
-    sizes, microbatches = {}, -1
+def parse(spec: str) -> tuple[dict[str, int], int, int]:
+    sizes, microbatches, repeats = {}, -1, 1
     for part in [] if spec == "1" else spec.split(","):
         if part.startswith("m"):
             microbatches = int(part[1:])
+        elif part.startswith("r"):
+            repeats = int(part[1:])
         else:
             sizes[part[:2]] = int(part[2:])
-    return sizes, microbatches
+    return sizes, microbatches, repeats
 
 
 def bench(spec: str, layers: int | None = None, steps: int = 5) -> str:
-    sizes, microbatches = parse(spec)
+    sizes, microbatches, repeats = parse(spec)
     dist = {f"{a}_size": sizes.get(a, 1) for a in ("pp", "dp", "ep", "sp", "tp")}
-    raw = {"distributed": {**dist, "microbatches": microbatches}}
+    raw = {"distributed": {**dist, "microbatches": microbatches, "pipeline_repeats": repeats}}
     if layers:
         raw["model"] = {"num_hidden_layers": layers}
     config = config_from_dict(raw, load_config("nano"))
@@ -89,7 +91,7 @@ def bench(spec: str, layers: int | None = None, steps: int = 5) -> str:
     jax.block_until_ready(m)
     per_step = (time.perf_counter() - start) / steps
     M = microbatches_for(config, mesh)
-    pipe = f"{M} / {100 * bubble_fraction(stages, M):.0f}%" if stages > 1 else "-"
+    pipe = f"{M} / {100 * bubble_fraction(stages, M, repeats):.0f}%" if stages > 1 else "-"
     return (
         f"| {spec} | {n} | {params_b / 2**20:.2f} MiB | {opt_b / 2**20:.2f} MiB | {temp} | {pipe} | "
         f"{1 / per_step:.2f} | {t.batch_size * t.seq_len / per_step:,.0f} | {first_s:.1f} s |"
