@@ -11,9 +11,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dsjax import model
 from dsjax.cli import main
 from dsjax.config import DistributedConfig, config_from_dict, load_config
-from dsjax.train.step import batch_sharding, init_state, make_train_step, state_shardings_for
+from dsjax.train.step import init_state, state_shardings_for
 from meshes import rules
 from meshes.mesh import MeshError, MeshShape, build_mesh, resolve_shape, validate
+from training_runs import twenty_steps
 
 # Tolerance stated once: per-leaf relative error ||g_mesh - g_1|| / ||g_1|| in fp32.
 GRAD_RTOL = 1e-5
@@ -72,22 +73,9 @@ def test_loss_and_every_gradient_match_one_device(name, reference):
 @pytest.mark.parametrize("name", ["dp2_tp2_ep2", "tp2_sp2_ep2"])
 def test_twenty_training_steps_match_one_device(name):
     config = mesh_config(MESHES[name])
-    # two batches in turn, so the model can memorise them and the loss visibly falls
-    pair = np.asarray(jax.random.randint(jax.random.key(2), (2, 1, 8, 33), 0, BASE.model.vocab_size))
-    batches = [pair[i % 2] for i in range(20)]
-    single_step = make_train_step(BASE)
-    state = init_state(BASE, jax.random.key(3))
-    ref = []
-    for b in batches:
-        state, m = single_step(state, b)
-        ref.append(float(m["loss"]))
+    ref, _ = twenty_steps(BASE)
     mesh, _ = build_mesh(config)
-    mesh_step = make_train_step(config, mesh=mesh)
-    state = jax.device_put(init_state(config, jax.random.key(3)), state_shardings_for(config, mesh))
-    got = []
-    for b in batches:
-        state, m = mesh_step(state, jax.device_put(b, batch_sharding(mesh)))
-        got.append(float(m["loss"]))
+    got, _ = twenty_steps(config, mesh)
     np.testing.assert_allclose(got, ref, rtol=GRAD_RTOL)
     assert ref[-1] < ref[0] - 1.0
 

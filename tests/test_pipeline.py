@@ -15,16 +15,15 @@ from dsjax.config import config_from_dict, load_config
 from dsjax.train.optimizer import decay_mask
 from dsjax.train.step import (
     abstract_state,
-    batch_sharding,
     canonical_state,
     init_state,
     logical_axes_for,
-    make_train_step,
     staged_state,
     state_shardings_for,
 )
 from meshes import pipeline, rules
 from meshes.mesh import MeshError, MeshShape, build_mesh, resolve_microbatches, validate
+from training_runs import twenty_steps
 
 # Tolerance stated once: per-leaf relative error ||g_pp - g_1|| / ||g_1|| in fp32 (as for the other mesh axes).
 GRAD_RTOL = 1e-5
@@ -113,24 +112,10 @@ def test_loss_and_every_gradient_match_one_device(name, references):
 def test_twenty_training_steps_match_one_device(name):
     variant, sizes, M, R = CASES[name]
     base, config = VARIANTS[variant], case_config(variant, sizes, M, R)
-    # two batches in turn, so the model can memorise them and the loss visibly falls
-    pair = np.asarray(jax.random.randint(jax.random.key(2), (2, 1, 8, 33), 0, base.model.vocab_size))
-    batches = [pair[i % 2] for i in range(20)]
-    single_step = make_train_step(base)
-    state = init_state(base, jax.random.key(3))
-    ref = []
-    for b in batches:
-        state, m = single_step(state, b)
-        ref.append(float(m["loss"]))
-    reference_params = state.params
-
-    mesh, shape = build_mesh(config, jax.devices()[: int(np.prod(config_sizes(config)))])
-    mesh_step = make_train_step(config, mesh=mesh)
-    state = jax.device_put(init_state(config, jax.random.key(3), shape.pp), state_shardings_for(config, mesh))
-    got = []
-    for b in batches:
-        state, m = mesh_step(state, jax.device_put(b, batch_sharding(mesh)))
-        got.append(float(m["loss"]))
+    ref, reference_state = twenty_steps(base)
+    reference_params = reference_state.params
+    mesh, _ = build_mesh(config, jax.devices()[: int(np.prod(config_sizes(config)))])
+    got, state = twenty_steps(config, mesh)
     np.testing.assert_allclose(got, ref, rtol=GRAD_RTOL)
     assert ref[-1] < ref[0] - 1.0
     # the aux-loss-free bias update moved the staged routers exactly as the sequential ones
