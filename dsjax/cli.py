@@ -52,6 +52,8 @@ RUN_OVERRIDES = {
     "sp_size": ("distributed", "sp_size"),
     "microbatches": ("distributed", "microbatches"),
     "pipeline_repeats": ("distributed", "pipeline_repeats"),
+    "moe": ("model", "moe_impl"),
+    "attention": ("model", "attention_impl"),
 }
 
 
@@ -276,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", help="default outputs")
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this run")
     run.add_argument("--seed", type=int)
+    run.add_argument(
+        "--moe", choices=("auto", "dense", "ragged", "pallas"),
+        help="routed-expert compute path (model.moe_impl; default auto = the measured fastest: dense)",
+    )
+    run.add_argument(
+        "--attention", choices=("auto", "xla", "cudnn", "pallas"),
+        help="training attention path (model.attention_impl; default auto = the measured fastest)",
+    )
     run.add_argument("--verbose", action="store_true", help="debug logging (or set LOG_LEVEL)")
     mesh = run.add_argument_group("device mesh (sizes multiply to the device count; one may be -1 = infer)")
     mesh.add_argument("--gpus", type=int, help="total devices to use (default: all)")

@@ -83,6 +83,9 @@ class ModelConfig:
     aux_loss_alpha: float = 1e-4  # sequence-wise balance loss weight (alpha)
     compute_dtype: str = "auto"  # "auto" = bfloat16 on GPU/TPU, float32 on CPU
     remat: bool = False  # rematerialise each decoder block in the backward pass
+    # compute paths (same function, different speed; free to change on --resume)
+    moe_impl: str = "auto"  # auto | dense | ragged | pallas: how routed experts are computed
+    attention_impl: str = "auto"  # auto | xla | cudnn | pallas: causal attention of the training path
 
     @property
     def qk_head_dim(self) -> int:
@@ -178,6 +181,8 @@ _ALIASES: dict[str, dict[str, str]] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.scoring_func": ("sigmoid", "softmax"),
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.moe_impl": ("auto", "dense", "ragged", "pallas"),
+    "model.attention_impl": ("auto", "xla", "cudnn", "pallas"),
     "model.rope_scaling.type": ("yarn",),
     "training.lr_schedule": ("cosine", "wsd", "constant"),
 }

@@ -43,6 +43,9 @@ RESUMABLE_TRAINING_KEYS = {
     "min_lr_ratio", "warmup_steps", "lr_schedule", "wsd_decay_fraction", "weight_decay", "grad_clip",
 }
 
+# model keys that pick a compute path, not the function: free to change on resume
+RESUMABLE_MODEL_KEYS = {"moe_impl", "attention_impl", "remat"}
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or used; the message says which and why."""
@@ -198,6 +201,8 @@ def config_differences(saved: dict, config: Config) -> list[str]:
     for block in ("model", "training"):
         for key, value in current[block].items():
             if block == "training" and key in RESUMABLE_TRAINING_KEYS:
+                continue
+            if block == "model" and key in RESUMABLE_MODEL_KEYS:
                 continue
             old = saved.get(block, {}).get(key, value)
             if old != value:
