@@ -1,0 +1,1 @@
+"""Pallas kernels (GPU through Triton; CPU tests through interpret mode), each beside its jnp reference."""
