@@ -4,6 +4,7 @@
     dsjax run       [--model-size nano|tiny|small|medium] [--config FILE] [--stages data_prep,pretrain] ...
     dsjax generate  --checkpoint checkpoints/<run>/final --prompt "Once upon a time"
     dsjax info      [--model-size ...] [--config FILE]
+    dsjax bench     [--model-size tiny,small] [--moe dense,pallas] [--attention xla,cudnn] [--json]
 
 Flags override the config file, which overrides the size preset.
 """
@@ -236,6 +237,82 @@ def cmd_checkpoints_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str | None, cast=str) -> list:
+    return [cast(v.strip()) for v in text.split(",") if v.strip()] if text else []
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Synthetic-token benchmark of the train step: one row per case (cross product of the lists)."""
+    import itertools
+
+    from dsjax import bench
+
+    sizes = _csv(args.model_size) or ["nano"]
+    for size in sizes:
+        if size not in MODEL_SIZES:
+            raise UsageError(f"--model-size: unknown size '{size}' (sizes: {', '.join(MODEL_SIZES)})")
+    try:
+        batches, accums, seqs = _csv(args.batch_size, int), _csv(args.grad_accum, int), _csv(args.seq_len, int)
+    except ValueError as err:
+        raise UsageError(f"--batch-size/--grad-accum/--seq-len take integers or comma lists: {err}") from None
+    moes, attns = _csv(args.moe), _csv(args.attention)
+    for value in moes:
+        if value not in ("auto", "dense", "ragged", "pallas"):
+            raise UsageError(f"--moe: unknown path '{value}' (auto, dense, ragged, pallas)")
+    for value in attns:
+        if value not in ("auto", "xla", "cudnn", "pallas"):
+            raise UsageError(f"--attention: unknown path '{value}' (auto, xla, cudnn, pallas)")
+    if args.steps <= 0 or args.warmup < 0:
+        raise UsageError(f"--steps must be > 0 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    cases = []
+    for size, moe, attn, b, a, t in itertools.product(
+        sizes, moes or [None], attns or [None], batches or [None], accums or [None], seqs or [None]
+    ):
+        overrides = {
+            "model": {k: v for k, v in (("moe_impl", moe), ("attention_impl", attn)) if v is not None},
+            "training": {
+                k: v for k, v in (("batch_size", b), ("gradient_accumulation_steps", a), ("seq_len", t)) if v is not None
+            },
+            "distributed": {
+                a_: getattr(args, a_) for a_ in ("pp_size", "dp_size", "tp_size", "ep_size", "sp_size") if getattr(args, a_) is not None
+            },
+        }
+        if args.remat is not None:
+            overrides["model"]["remat"] = args.remat == "on"
+        cases.append(bench.Case(size, load_config(size, args.config, overrides)))  # every case validated up front
+    if args.backend == "mlx":
+        raise UsageError("dsjax bench --backend mlx: not supported yet; tests/bench_backends.py times MLX against JAX on CPU")
+    total = args.gpus
+    if total is None:
+        d = cases[0].config.distributed
+        sizes_ = [d.pp_size, d.dp_size, d.tp_size, d.ep_size, d.sp_size]
+        total = None if -1 in sizes_ else math.prod(sizes_)
+    if total and total > 1:
+        ensure_host_devices(total)
+    env = bench.environment()
+    rows = []
+    for case in cases:
+        try:
+            row = bench.run_case(case, args.steps, args.warmup, args.gpus, args.peak_tflops)
+        except Exception as err:  # noqa: BLE001 - one failing case must not hide the others
+            if not args.keep_going:
+                raise
+            row = {"case": case.label, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+        row = {**env, **row}
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(f"{row['case']}: " + (row["error"] if "error" in row else f"{row['step_ms_median']:.2f} ms/step"), file=sys.stderr, flush=True)
+    if args.json:
+        where = bench.append_results(rows, Path(args.results))
+        print(f"appended {len(rows)} row(s) to {where}", file=sys.stderr)
+    else:
+        print(f"{env['device']} x{env['device_count']}, jax {env['jax']}, commit {env['git_commit']}")
+        print(bench.format_table(rows))
+    return 1 if any("error" in r for r in rows) else 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from dsjax.model.params import count_params
 
@@ -328,6 +405,33 @@ def build_parser() -> argparse.ArgumentParser:
     ls = ckpts_sub.add_parser("ls", help="list steps, sizes, val loss and completeness")
     ls.add_argument("run_dir", help="e.g. checkpoints/nano")
     ls.set_defaults(func=cmd_checkpoints_ls)
+
+    bn = sub.add_parser(
+        "bench", help="time the train step on synthetic tokens: compile, ms/step, tokens/s, MFU, memory",
+        description="Time the train step on synthetic tokens. Comma lists (e.g. --moe dense,pallas) run every "
+        "combination as a case. FLOPs per token = 6 x matmul parameters touched (routed experts at top-k, MTP "
+        "and its head included, embedding lookup excluded) + causal attention; see dsjax/bench.py.",
+    )
+    bn.add_argument("--model-size", default="nano", help="size preset(s), comma list (default nano)")
+    bn.add_argument("--config", metavar="FILE", help="JSON config layered over the size preset")
+    bn.add_argument("--backend", choices=BACKENDS, default="jax")
+    bn.add_argument("--moe", help="MoE path(s): auto,dense,ragged,pallas (comma list)")
+    bn.add_argument("--attention", help="attention path(s): auto,xla,cudnn,pallas (comma list)")
+    bn.add_argument("--remat", choices=("on", "off"), help="rematerialise decoder blocks (model.remat)")
+    bn.add_argument("--batch-size", help="sequences per micro-batch (comma list)")
+    bn.add_argument("--grad-accum", help="micro-batches per optimizer step (comma list)")
+    bn.add_argument("--seq-len", help="tokens per sequence (comma list)")
+    bn.add_argument("--steps", type=int, default=20, help="timed steps per case (default 20)")
+    bn.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default 3)")
+    bn.add_argument("--peak-tflops", type=float, help="device bf16 peak for MFU (default: a table of known devices)")
+    bn.add_argument("--json", action="store_true", help="one JSON object per case on stdout, appended to --results")
+    bn.add_argument("--results", default=str(Path("benchmarks") / "results.jsonl"), help="JSONL file --json appends to")
+    bn.add_argument("--keep-going", action="store_true", help="record a failing case as an error row and go on")
+    bmesh = bn.add_argument_group("device mesh")
+    bmesh.add_argument("--gpus", type=int, help="total devices to use (default: all)")
+    for axis in ("pp", "dp", "tp", "ep", "sp"):
+        bmesh.add_argument(f"--{axis}-size", type=int)
+    bn.set_defaults(func=cmd_bench)
 
     info = sub.add_parser("info", help="show the resolved config's parameter counts")
     _add_config_flags(info)
