@@ -51,11 +51,7 @@ def _layer_fn(c: ModelConfig, moe_impl: str):
 def logits_from_hidden(params, h_BTD, norm_scale, c: ModelConfig):
     """Final norm + output head; logits always fp32."""
     h = rms_norm(h_BTD, norm_scale, c.rms_norm_eps)
-    if c.tie_word_embeddings:
-        head_DV = params["embed_tokens"]["embedding"].T
-    else:
-        head_DV = params["lm_head"]["kernel"]
-    logits = jnp.dot(h, head_DV.astype(h.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.dot(h, head_kernel(params, c).astype(h.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "sequence", "activation_vocab"))
 
 
@@ -115,6 +111,31 @@ def forward(
     When `params` holds pipeline stages (`meshes.pipeline.to_stages`, pp > 1),
     those layers run as `microbatches` microbatches through the pp pipeline.
     """
+    h_BTD, aux = forward_hidden(
+        params, tokens_BT, c, with_mtp=with_mtp, moe_impl=moe_impl, microbatches=microbatches
+    )
+    logits_BTV = logits_from_hidden(params, h_BTD, params["norm"]["scale"], c)
+    if "mtp_hidden" in aux:
+        mtp = params["mtp"]
+        names = sorted(mtp, key=int)
+        aux["mtp_logits"] = jnp.stack(
+            [
+                logits_from_hidden(params, h, mtp[name]["shared_head_norm"]["scale"], c)
+                for name, h in zip(names, aux.pop("mtp_hidden"))
+            ]
+        )
+    return logits_BTV, aux
+
+
+def forward_hidden(
+    params, tokens_BT, c: ModelConfig, *, with_mtp: bool = False, moe_impl: str = "auto", microbatches: int = 1
+):
+    """`forward` without the output head: (h_BTD before the final norm, aux).
+
+    aux holds balance_loss and expert_load as in `forward`, and when `with_mtp`,
+    mtp_hidden: one [B, T, D] hidden state per MTP module, before its shared_head_norm.
+    The loss applies norm + head itself, in token chunks (`loss.chunked_head_nll`).
+    """
     dtype = compute_dtype(c)
     B, T = tokens_BT.shape
     cos, sin = rope_cos_sin(c, jnp.arange(T)[None, :])
@@ -134,11 +155,10 @@ def forward(
         total_aux = total_aux + aux_loss
         if load_NE.shape[-1]:
             loads.append(load_NE)
-    logits_BTV = logits_from_hidden(params, x_BTD, params["norm"]["scale"], c)
     aux: dict[str, Any] = {}
     if with_mtp and "mtp" in params:
         h_BTD = x_BTD
-        mtp_logits = []
+        mtp_hidden = []
         for k, name in enumerate(sorted(params["mtp"], key=int), start=1):
             m = params["mtp"][name]
             next_emb = embed(params, jnp.roll(tokens_BT, -k, axis=1), dtype)
@@ -154,11 +174,16 @@ def forward(
             total_aux = total_aux + aux_loss
             if load is not None:
                 loads.append(load[None])
-            mtp_logits.append(logits_from_hidden(params, h_BTD, m["shared_head_norm"]["scale"], c))
-        aux["mtp_logits"] = jnp.stack(mtp_logits)
+            mtp_hidden.append(h_BTD)
+        aux["mtp_hidden"] = mtp_hidden
     aux["balance_loss"] = total_aux
     aux["expert_load"] = jnp.concatenate(loads) if loads else jnp.zeros((0, max(c.n_routed_experts, 1)))
-    return logits_BTV, aux
+    return x_BTD, aux
+
+
+def head_kernel(params, c: ModelConfig):
+    """The output head [D, V] (the embedding's transpose when tied)."""
+    return params["embed_tokens"]["embedding"].T if c.tie_word_embeddings else params["lm_head"]["kernel"]
 
 
 def moe_layer_paths(c: ModelConfig, with_mtp: bool = True) -> list[tuple[str, ...]]:
