@@ -115,7 +115,7 @@ class Case:
         t, m = self.config.training, self.config.model
         return (
             f"{self.model_size} {t.batch_size}x{t.gradient_accumulation_steps}x{t.seq_len} "
-            f"moe={m.moe_impl} attn={m.attention_impl}"
+            f"moe={m.moe_impl} attn={m.attention_impl} remat={m.remat}"
         )
 
 
@@ -201,6 +201,7 @@ def run_case(case: Case, steps: int, warmup: int, device_count: int | None, peak
         "model_size": case.model_size,
         "moe_impl": c.moe_impl,
         "attention_impl": c.attention_impl,
+        "remat": c.remat,
         "batch_size": t.batch_size,
         "grad_accum": t.gradient_accumulation_steps,
         "seq_len": t.seq_len,

@@ -82,7 +82,9 @@ class ModelConfig:
     bias_update_speed: float = 1e-3  # aux-loss-free balancing step (gamma)
     aux_loss_alpha: float = 1e-4  # sequence-wise balance loss weight (alpha)
     compute_dtype: str = "auto"  # "auto" = bfloat16 on GPU/TPU, float32 on CPU
-    remat: bool = False  # rematerialise each decoder block in the backward pass
+    # rematerialisation of each decoder block in the backward pass: none (save everything),
+    # full (save only the block's input), save_dots (save weight-matmul outputs, recompute the rest)
+    remat: str = "none"
     # compute paths (same function, different speed; free to change on --resume)
     moe_impl: str = "auto"  # auto | dense | ragged | pallas: how routed experts are computed
     attention_impl: str = "auto"  # auto | xla | cudnn | pallas: causal attention of the training path
@@ -182,6 +184,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.scoring_func": ("sigmoid", "softmax"),
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.moe_impl": ("auto", "dense", "ragged", "pallas"),
+    "model.remat": ("none", "full", "save_dots"),
     "model.attention_impl": ("auto", "xla", "cudnn", "pallas"),
     "model.rope_scaling.type": ("yarn",),
     "training.lr_schedule": ("cosine", "wsd", "constant"),
@@ -250,6 +253,8 @@ def _build(where: str, cls: type, raw: dict[str, Any], aliases: dict[str, str], 
         if name in values:
             raise ConfigError(f"{where}: '{name}' is given twice (once through an alias)")
         path = f"{where}.{name}"
+        if path == "model.remat" and isinstance(value, bool):
+            value = "full" if value else "none"  # configs written before remat policies had a bool
         coerced = _coerce(path, value, hints[name])
         if path in _CHOICES and coerced not in _CHOICES[path]:
             raise ConfigError(f"{path}: '{coerced}' is not allowed; choose one of {', '.join(_CHOICES[path])}")

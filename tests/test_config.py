@@ -82,3 +82,16 @@ def test_config_file_layering(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config("nano", bad)
+
+
+def test_remat_policies_and_legacy_bools():
+    from dsjax.config import ConfigError, load_config
+
+    assert load_config("nano", overrides={"model": {"remat": "save_dots"}}).model.remat == "save_dots"
+    # configs written before policies existed (checkpoints' config.json) said true/false
+    assert load_config("nano", overrides={"model": {"remat": True}}).model.remat == "full"
+    assert load_config("nano", overrides={"model": {"remat": False}}).model.remat == "none"
+    import pytest
+
+    with pytest.raises(ConfigError, match="model.remat: 'some' is not allowed"):
+        load_config("nano", overrides={"model": {"remat": "some"}})

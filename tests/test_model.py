@@ -139,8 +139,9 @@ def test_bf16_compute_keeps_fp32_logits(nano_params):
     assert float(jnp.max(jnp.abs(logits - ref))) < 0.05
 
 
-def test_remat_gives_the_same_gradients(nano_params):
-    c = dataclasses.replace(NANO, remat=True)
+@pytest.mark.parametrize("policy", ["full", "save_dots"])
+def test_remat_gives_the_same_gradients(nano_params, policy):
+    c = dataclasses.replace(NANO, remat=policy)
     window = jax.random.randint(jax.random.key(8), (2, 17), 0, c.vocab_size)
     g_ref = jax.jit(jax.grad(lambda p: model.loss_fn(p, window, NANO)[0]))(nano_params)
     g_remat = jax.jit(jax.grad(lambda p: model.loss_fn(p, window, c)[0]))(nano_params)

@@ -22,6 +22,17 @@ from meshes.rules import constrain
 ACTIVATION = ("batch", "sequence", "activation_embed")
 
 
+def remat_policy(fn, remat: str):
+    """`model.remat`: none keeps every activation for the backward pass; full keeps only the
+    block's input and recomputes the block; save_dots keeps the weight matmuls' outputs and
+    recomputes the cheap elementwise work and the attention scores (batched dots)."""
+    if remat == "full":
+        return jax.checkpoint(fn)
+    if remat == "save_dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return fn
+
+
 def compute_dtype(c: ModelConfig):
     return jnp.dtype(resolve_compute_dtype(c, jax.default_backend()))
 
@@ -45,7 +56,7 @@ def _layer_fn(c: ModelConfig, moe_impl: str):
     def fn(p, x, cos, sin):
         return decoder_layer(p, x, cos, sin, c, moe_impl)
 
-    return jax.checkpoint(fn) if c.remat else fn
+    return remat_policy(fn, c.remat)
 
 
 def logits_from_hidden(params, h_BTD, norm_scale, c: ModelConfig):
