@@ -1,0 +1,175 @@
+"""On-device batched sampling: prefill, then a compiled `lax.while_loop` over tokens.
+
+The Python loop in `generate.generate_tokens` goes back to the host for every
+token; here a chunk of up to `chunk` tokens per row is decoded by one compiled
+program, with sampling, EOS and length stops inside it. `generate` streams by
+calling it chunk after chunk; GRPO calls it once for a whole batch of prompts.
+
+Rows may have prompts of different lengths. Every row sits at the same cache
+position at each step: the common prefix (the shortest prompt) is prefilled at
+once, and a row whose prompt is longer is fed its own prompt tokens one step at a
+time ("forced") before it starts sampling, so no row ever attends to padding.
+
+Randomness is per row: row r of a call with seed s draws exactly what a
+single-row call with seed s + r draws, and a row's key advances only on the steps
+where it samples, so batched rows equal single rows and a single row equals the
+step-by-step sampler (`generate.generate_tokens`) token for token.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax import model
+from dsjax.config import ModelConfig
+from dsjax.infer.generate import SamplingConfig, SamplingError, sample_token
+
+
+class DecodeState(NamedTuple):
+    cache: Any
+    token_B: jax.Array  # the input token at `position` for every row
+    position: jax.Array  # int32 scalar: the cache position of token_B
+    key_data_B: jax.Array  # [B, ...] raw per-row PRNG keys
+    done_B: jax.Array  # bool: row finished (EOS, max_new_tokens or the cache end)
+    count_B: jax.Array  # int32: tokens produced so far per row
+    out_BN: jax.Array  # int32 [B, max_new_tokens]: produced tokens, -1 where none
+
+
+def _next_tokens(logits_BV, state_pos, prompts_BP, prompt_len_B, key_data_B, s: SamplingConfig):
+    """Next input token per row at position state_pos + 1: the prompt's own while it lasts, else a sample."""
+    B = logits_BV.shape[0]
+    next_pos = state_pos + 1
+    forced_B = next_pos < prompt_len_B
+    keys = jax.random.wrap_key_data(key_data_B)
+    split = jax.vmap(jax.random.split)(keys)  # [B, 2]
+    new_keys, subs = split[:, 0], split[:, 1]
+    sampled_B = jax.vmap(lambda lg, k: sample_token(lg[None], k, s)[0])(logits_BV, subs)
+    prompt_tok_B = jnp.take_along_axis(prompts_BP, jnp.minimum(next_pos, prompts_BP.shape[1] - 1)[None].repeat(B)[:, None], axis=1)[:, 0]
+    token_B = jnp.where(forced_B, prompt_tok_B, sampled_B.astype(jnp.int32))
+    # a row's key advances only when it samples, so batching never shifts its randomness
+    key_data_B = jnp.where(
+        forced_B.reshape((B,) + (1,) * (key_data_B.ndim - 1)), key_data_B, jax.random.key_data(new_keys)
+    )
+    return token_B, forced_B, key_data_B
+
+
+def _record(state: DecodeState, token_B, forced_B, eos_id: int, max_len: int) -> DecodeState:
+    """Append sampled tokens to rows still running; finish rows on EOS, max_new_tokens or the cache end."""
+    N = state.out_BN.shape[1]
+    produced_B = ~forced_B & ~state.done_B
+    is_eos_B = produced_B & (token_B == eos_id)
+    append_B = produced_B & ~is_eos_B
+    rows = jnp.arange(token_B.shape[0])
+    slot_B = jnp.minimum(state.count_B, N - 1)
+    out_BN = state.out_BN.at[rows, slot_B].set(jnp.where(append_B, token_B, state.out_BN[rows, slot_B]))
+    count_B = state.count_B + append_B.astype(jnp.int32)
+    next_pos = state.position + 1
+    # the token for position max_len is produced but can no longer be fed to the cache
+    done_B = state.done_B | is_eos_B | (count_B >= N) | (append_B & (next_pos >= max_len))
+    return state._replace(token_B=token_B, position=next_pos, done_B=done_B, count_B=count_B, out_BN=out_BN)
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(c: ModelConfig, s: SamplingConfig, eos_id: int, max_len: int, chunk: int):
+    """(prefill, decode_chunk) compiled for one config, sampling setting, cache length and chunk size."""
+
+    @functools.partial(jax.jit, static_argnums=(4,))
+    def prefill(params, prompts_BP, prompt_len_B, key_data_B, prefix_len: int):
+        B = prompts_BP.shape[0]
+        N = s.max_new_tokens
+        cache = model.init_cache(c, batch=B, max_len=max_len)
+        logits_BTV, cache = model.decode_step(params, prompts_BP[:, :prefix_len], cache, 0, c)
+        state = DecodeState(
+            cache=cache,
+            token_B=prompts_BP[:, prefix_len - 1],
+            position=jnp.int32(prefix_len - 1),
+            key_data_B=key_data_B,
+            done_B=jnp.zeros((B,), bool),
+            count_B=jnp.zeros((B,), jnp.int32),
+            out_BN=jnp.full((B, N), -1, jnp.int32),
+        )
+        token_B, forced_B, key_data_B = _next_tokens(
+            logits_BTV[:, -1], state.position, prompts_BP, prompt_len_B, key_data_B, s
+        )
+        return _record(state._replace(key_data_B=key_data_B), token_B, forced_B, eos_id, max_len)
+
+    @jax.jit
+    def decode_chunk(params, state: DecodeState, prompts_BP, prompt_len_B):
+        def running(carry):
+            i, st = carry
+            return (i < chunk) & ~jnp.all(st.done_B)
+
+        def body(carry):
+            i, st = carry
+            logits_BTV, cache = model.decode_step(params, st.token_B[:, None], st.cache, st.position, c)
+            token_B, forced_B, key_data_B = _next_tokens(
+                logits_BTV[:, -1], st.position, prompts_BP, prompt_len_B, st.key_data_B, s
+            )
+            st = st._replace(cache=cache, key_data_B=key_data_B)
+            return i + 1, _record(st, token_B, forced_B, eos_id, max_len)
+
+        _, state = jax.lax.while_loop(running, body, (jnp.int32(0), state))
+        return state
+
+    return prefill, decode_chunk
+
+
+def _cache_length(c: ModelConfig, longest_prompt: int, max_new: int) -> int:
+    return min(longest_prompt + max_new, c.max_position_embeddings)
+
+
+def sample_chunks(
+    params, c: ModelConfig, prompts: list[list[int]], s: SamplingConfig, eos_id: int | None = None, chunk: int = 32
+):
+    """Yields, after each compiled chunk, the [B, max_new_tokens] tokens so far (-1 = none yet) and counts.
+
+    Stops when every row is done. Row r samples with seed s.seed + r.
+    """
+    s.validate()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise SamplingError("every prompt must have at least one token")
+    longest, shortest = max(map(len, prompts)), min(map(len, prompts))
+    max_len = _cache_length(c, longest, s.max_new_tokens)
+    if longest >= max_len:
+        raise SamplingError(
+            f"prompt of {longest} tokens leaves no room under max_position_embeddings={c.max_position_embeddings}"
+        )
+    B = len(prompts)
+    prompts_BP = np.zeros((B, longest), np.int32)
+    for r, p in enumerate(prompts):
+        prompts_BP[r, : len(p)] = p
+    prompt_len_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    key_data_B = jnp.stack([jax.random.key_data(jax.random.key(s.seed + r)) for r in range(B)])
+    prefill, decode_chunk = _programs(c, s, -1 if eos_id is None else int(eos_id), max_len, chunk)
+    prompts_BP = jnp.asarray(prompts_BP)
+    state = prefill(params, prompts_BP, prompt_len_B, key_data_B, shortest)
+    while True:
+        out, counts, done = jax.device_get((state.out_BN, state.count_B, state.done_B))
+        yield out, counts
+        if done.all():
+            return
+        state = decode_chunk(params, state, prompts_BP, prompt_len_B)
+
+
+def sample_batch(
+    params, c: ModelConfig, prompts: list[list[int]], s: SamplingConfig, eos_id: int | None = None, chunk: int = 1 << 20
+) -> list[list[int]]:
+    """New tokens for each prompt (EOS not included), decoded on device in as few calls as `chunk` allows."""
+    out, counts = None, None
+    for out, counts in sample_chunks(params, c, prompts, s, eos_id, chunk):
+        pass
+    return [list(map(int, out[r, : counts[r]])) for r in range(len(prompts))]
+
+
+def stream_tokens(params, c: ModelConfig, prompt_ids: list[int], s: SamplingConfig, eos_id: int | None = None, chunk: int = 16):
+    """One prompt, yielding new token ids as each compiled chunk finishes (for `dsjax generate`)."""
+    shown = 0
+    for out, counts in sample_chunks(params, c, [prompt_ids], s, eos_id, chunk):
+        for token in out[0, shown : counts[0]]:
+            yield int(token)
+        shown = int(counts[0])
