@@ -16,9 +16,15 @@ sequence-wise balance loss alpha * sum_i f_i P_i is returned as `balance_loss`.
 Two compute paths give the same result: `dense` runs every expert on every token
 and masks with the gate values (fastest on CPU for few experts), `ragged` sorts
 token copies by expert and uses `jax.lax.ragged_dot` (no wasted FLOPs; for GPU).
+A third, `pallas`, runs the grouped-matmul kernels of `kernels_pallas/moe.py`; where
+they cannot take a call (a multi-device mesh, another dtype) it falls back to
+`dense` with a one-time log line.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +106,23 @@ def _experts_ragged(experts, x_TD, expert_idx_TK, gate_TK):
     return jnp.zeros_like(x_TD).at[token_N].add(out_ND)
 
 
+@functools.cache
+def _log_once(message: str) -> None:
+    logging.getLogger(__name__).info(message)
+
+
+def _experts_pallas(experts, x_TD, expert_idx_TK, gate_TK):
+    from kernels_pallas import moe as kernels  # Pallas is imported only when this path is chosen
+
+    reason = kernels.unsupported_reason(x_TD)
+    if reason is not None:
+        _log_once(f"--moe pallas: {reason}; using the dense path")
+        return _experts_dense(experts, x_TD, expert_idx_TK, gate_TK)
+    if kernels.default_interpret():
+        _log_once(f"--moe pallas: interpreting the kernels on {jax.default_backend()} (slow; they compile for NVIDIA GPUs)")
+    return kernels.experts_pallas(experts, x_TD, expert_idx_TK, gate_TK)
+
+
 def resolve_impl(impl: str, c: ModelConfig | None = None) -> str:
     """The compute path: an explicit `impl` wins, then `model.moe_impl`, then the measured default.
 
@@ -126,7 +149,7 @@ def moe(p, x_BTD, c: ModelConfig, impl: str = "auto"):
         combine_BTE = combine_weights(expert_idx_TK, gate_TK, E).reshape(B, T, E)
         out_TD = expert_parallel(experts_masked, p["experts"], x_BTD, combine_BTE).reshape(B * T, D)
     else:
-        experts_fn = _experts_dense if resolve_impl(impl, c) == "dense" else _experts_ragged
+        experts_fn = {"dense": _experts_dense, "ragged": _experts_ragged, "pallas": _experts_pallas}[resolve_impl(impl, c)]
         out_TD = experts_fn(p["experts"], x_TD, expert_idx_TK, gate_TK)
     if "shared_experts" in p:
         s = p["shared_experts"]
