@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
 from dsjax.model.layers import apply_rope, rms_norm, softmax_scale
-from meshes.rules import constrain
+from kernels_pallas.attention import causal_attention
+from meshes.rules import constrain, logical_spec
 
 
 def _queries(p, x_BTD, c: ModelConfig):
@@ -57,12 +58,11 @@ def attention(p, x_BTD, cos, sin, c: ModelConfig):
     kpe_BHTR = jnp.broadcast_to(kpe_BTR[:, None], (B, H, T, c.qk_rope_head_dim))
     k_BHTK = constrain(jnp.concatenate([k_nope, kpe_BHTR], axis=-1), ("batch", "activation_heads", "kv_sequence", None))
     q_BHTK = constrain(q_BHTK, ("batch", "activation_heads", "sequence", None))
-    scores_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_BHTK, preferred_element_type=jnp.float32)
-    scores_BHTS = scores_BHTS * softmax_scale(c)
-    causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
-    scores_BHTS = jnp.where(causal_TS, scores_BHTS, -jnp.inf)
-    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
-    out_BHTV = jnp.einsum("bhts,bhsv->bhtv", probs_BHTS, v_BHTV)
+    # xla: attention_reference (full fp32 scores); cudnn / pallas: flash kernels, per shard under a mesh
+    out_BHTV = causal_attention(
+        q_BHTK, k_BHTK, v_BHTV, softmax_scale(c), impl=c.attention_impl,
+        spec=logical_spec(("batch", "activation_heads", "sequence")),
+    )
     return jnp.einsum("bhtv,hvd->btd", out_BHTV, p["o_proj"]["kernel"].astype(dtype))
 
 
