@@ -43,7 +43,10 @@ def head_shape(size: str) -> dict:
     return dict(size=size, H=c.num_attention_heads, Kq=c.qk_nope_head_dim + c.qk_rope_head_dim, Kv=c.v_head_dim)
 
 
-def cases(quick: bool) -> list[dict]:
+def cases(quick: bool, only: str = "") -> list[dict]:
+    if only:  # e.g. "small:8192,tiny:512"
+        picked = [(size, int(T)) for size, T in (item.split(":") for item in only.split(","))]
+        return [dict(head_shape(size), T=T, B=max(1, TOKENS // T)) for size, T in picked]
     if quick:
         return [dict(head_shape("tiny"), T=64, B=2, H=2), dict(head_shape("small"), T=128, B=1, H=2)]
     order = [("small", 2048), ("small", 512), ("medium", 2048), ("tiny", 2048), ("small", 8192),
@@ -122,6 +125,42 @@ def check(c: dict, scale: float, pallas_fwd, pallas_fwd_bwd, dtype) -> dict:
     } | {"ref_out_max": float(jnp.max(jnp.abs(want[0])))}
 
 
+# backward tile candidates: (dq block_q, block_k, warps, stages), (dkv block_q, block_k, warps, stages)
+SWEEP = [
+    ((128, 32, 4, 3), (32, 128, 4, 3)),  # the defaults before this sweep (Triton tutorial shapes)
+    ((128, 32, 8, 3), (32, 128, 8, 3)),
+    ((128, 32, 8, 2), (32, 128, 8, 2)),
+    ((64, 64, 4, 3), (64, 64, 4, 3)),
+    ((128, 64, 8, 2), (64, 128, 8, 2)),
+    ((64, 32, 4, 3), (32, 64, 4, 3)),
+    ((64, 64, 8, 2), (64, 64, 8, 2)),
+]
+
+
+def sweep(args, dtype) -> list[dict]:
+    """fwd+bwd of `small`'s heads at T 2048 and 512 for each backward tiling (forward tiles fixed)."""
+    from kernels_pallas.flash_attention import Tiles, default_tiles
+
+    rows = []
+    for B, T in ((1, 64),) if args.quick else ((8, 2048), (32, 512)):
+        c = dict(size="small", B=B, T=T, H=8, Kq=96, Kv=64)
+        sets = [inputs(c, seed, dtype) for seed in range(3)]
+        fwd_tiles = default_tiles(T, T, 96)[0]
+        for dq, dkv in SWEEP:
+            tiles = (fwd_tiles, Tiles(*dq), Tiles(*dkv))
+            fn = lambda q, k, v, scale, tiles=tiles: flash_attention(q, k, v, scale, tiles=tiles)  # noqa: E731
+            row = dict(c, dq=dq, dkv=dkv)
+            try:
+                f, _ = compiled(jitted(fn, 96 ** -0.5, "fwd_bwd"), sets[0])
+                row["ms"] = round(time_ms(f, sets, args.reps, args.budget_s), 4)
+                print(f"sweep T{T} dq{dq} dkv{dkv}: {row['ms']:.3f} ms fwd+bwd", flush=True)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:500]
+                print(f"sweep T{T} dq{dq} dkv{dkv}: FAILED {row['error'][:200]}", flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU, the kernel interpreted")
@@ -129,6 +168,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=0.5, help="timing budget per path after warm-up")
     ap.add_argument("--total-s", type=float, default=75.0, help="skip remaining cases after this many seconds")
     ap.add_argument("--check-t", type=int, default=2048, help="accuracy check of pallas at this T (0: every T)")
+    ap.add_argument("--sweep", action="store_true", help="first time backward tilings for small's heads")
+    ap.add_argument("--cases", default="", help="only these size:T cases, e.g. small:8192,tiny:512")
     args = ap.parse_args()
     if args.quick:
         jax.config.update("jax_platforms", "cpu")
@@ -143,7 +184,8 @@ def main() -> None:
     print(head, flush=True)
     began = time.perf_counter()
     rows, checks = [], {}
-    for c in cases(args.quick):
+    swept = sweep(args, dtype) if args.sweep else []
+    for c in cases(args.quick, args.cases):
         label = f"{c['size']}_T{c['T']}"
         if time.perf_counter() - began > args.total_s:
             rows.append(dict(c, skipped="time budget"))
@@ -197,7 +239,7 @@ def main() -> None:
         out = Path(os.environ["OUT"]) / "attention.json"
         out.write_text(json.dumps(dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
                                        dtype="bfloat16", peak_tflops=PEAK_TFLOPS, peak_tbps=PEAK_TBPS,
-                                       total_s=round(total_s, 1), cases=rows, checks=checks), indent=1))
+                                       total_s=round(total_s, 1), cases=rows, checks=checks, sweep=swept), indent=1))
         print(f"wrote {out}")
 
 

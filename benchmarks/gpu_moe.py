@@ -82,6 +82,32 @@ PATHS = {name: fwd_bwd(fn) for name, fn in [("dense", _experts_dense), ("ragged"
                                              ("pallas", experts_pallas)]}
 
 
+# gmm tilings to compare: (block_m, max_k, max_n) for experts_pallas (None = its default)
+SWEEP = [(None, 64, 128), (128, 64, 128), (64, 64, 128), (128, 32, 128), (128, 64, 64), (64, 32, 64)]
+
+
+def sweep(args, dtype) -> list[dict]:
+    import functools
+
+    rows = []
+    for s in shapes(args.quick)[:1] if args.quick else [x for x in shapes(False) if x["name"] in ("small", "deepseek_like")]:
+        flops = 6 * s["tokens"] * s["K"] * 3 * s["D"] * s["F"]
+        sets = [inputs(s, seed, dtype) for seed in range(3)]
+        for block_m, max_k, max_n in SWEEP:
+            fn = fwd_bwd(functools.partial(experts_pallas, block_m=block_m, max_k=max_k, max_n=max_n))
+            row = dict(s, block_m=block_m, max_k=max_k, max_n=max_n)
+            try:
+                ms = time_path(fn, sets, args.reps, args.budget_s)
+                row.update(ms=round(ms, 3), useful_tflops=round(flops / (ms * 1e-3) / 1e12, 1))
+                print(f"sweep {s['name']} block_m={block_m} max_k={max_k} max_n={max_n}: {ms:.3f} ms "
+                      f"{row['useful_tflops']} TFLOP/s", flush=True)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:500]
+                print(f"sweep {s['name']} {block_m}/{max_k}/{max_n}: FAILED {row['error'][:200]}", flush=True)
+            rows.append(row)
+    return rows
+
+
 def time_path(fn, sets, reps: int, budget_s: float) -> float:
     """Median ms of device-synchronised calls after two warm-ups (compile included in the first)."""
     for i in range(2):
@@ -116,6 +142,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=1.5, help="timing budget per case after warm-up")
     ap.add_argument("--shapes", help="comma-separated subset of tiny,small,medium,deepseek_like (default: all)")
+    ap.add_argument("--sweep", action="store_true", help="also time gmm tilings for small and deepseek_like")
     args = ap.parse_args()
     if args.quick:
         jax.config.update("jax_platforms", "cpu")
@@ -166,12 +193,14 @@ def main() -> None:
         checks["fp32"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         print(f"fp32 check: FAILED {checks['fp32']['error'][:500]}", flush=True)
     total_s = time.perf_counter() - began
+    swept = sweep(args, dtype) if args.sweep else []
+    total_s = time.perf_counter() - began
     print(f"total {total_s:.1f} s")
     if os.environ.get("OUT"):
         out = Path(os.environ["OUT"]) / "moe.json"
         out.write_text(json.dumps(dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
                                        dtype="bfloat16", peak_tflops=PEAK_TFLOPS, routing_included=False,
-                                       total_s=round(total_s, 1), cases=rows, checks=checks), indent=1))
+                                       total_s=round(total_s, 1), cases=rows, checks=checks, sweep=swept), indent=1))
         print(f"wrote {out}")
 
 

@@ -15,22 +15,25 @@ B=(python3 -m dsjax bench --json --results "$OUT/bench.jsonl" --keep-going --ste
 for part in $PARTS; do
   echo "=== $part $(date +%T)"
   case $part in
-    kernels)
-      timeout 90 python3 benchmarks/gpu_attention.py --total-s 60 > "$OUT/attention.log" 2>&1; tail -25 "$OUT/attention.log"
-      timeout 110 python3 benchmarks/gpu_moe.py > "$OUT/moe.log" 2>&1; tail -25 "$OUT/moe.log" ;;
+    kernels)  # the backward-tiling sweep, then the cases not yet measured
+      timeout 60 python3 benchmarks/gpu_attention.py --sweep --cases small:8192 --total-s 10 > "$OUT/attention.log" 2>&1
+      grep -E "sweep|small .*8192|error" "$OUT/attention.log" | tail -14
+      timeout 90 python3 benchmarks/gpu_moe.py --sweep --budget-s 0.5 > "$OUT/moe.log" 2>&1
+      grep -vE "^\s|Traceback|^jax" "$OUT/moe.log" | cut -c1-220 | tail -22 ;;
     steps)
-      timeout 70 "${B[@]}" --model-size tiny --moe dense,pallas > "$OUT/steps_tiny.log" 2>&1
-      timeout 60 "${B[@]}" --model-size tiny --batch-size 16 --grad-accum 1 --moe dense >> "$OUT/steps_tiny.log" 2>&1
-      timeout 170 "${B[@]}" --model-size small --moe dense --attention xla,cudnn > "$OUT/steps_small.log" 2>&1
-      timeout 100 "${B[@]}" --model-size small --moe pallas --attention pallas >> "$OUT/steps_small.log" 2>&1
-      grep -h "error\|Error" "$OUT"/steps_*.log | tail -5 ;;
+      timeout 35 "${B[@]}" --model-size tiny --moe pallas > "$OUT/steps_tiny.log" 2>&1
+      timeout 85 "${B[@]}" --model-size small --moe pallas --attention cudnn,pallas > "$OUT/steps_small.log" 2>&1 ;;
     memory)
-      timeout 200 "${B[@]}" --steps 5 --model-size small --batch-size 64 --seq-len 1024 --moe pallas --attention pallas --remat none,save_dots > "$OUT/memory.log" 2>&1 ;;
+      timeout 55 "${B[@]}" --steps 3 --warmup 1 --model-size small --batch-size 64 --seq-len 1024 --moe pallas \
+        --attention pallas > "$OUT/memory.log" 2>&1 ;;
     cli)
       rm -rf /tmp/cli && mkdir -p /tmp/cli
-      /usr/bin/time -v timeout 150 python3 -m dsjax run --model-size tiny --config .gpu/vocab8k.json --max-steps 3000 \
+      start=$(date +%s.%N)
+      timeout 55 python3 -m dsjax run --model-size tiny --config .gpu/vocab8k.json --max-steps 3000 \
         --data-dir .gpu/tinystories --work-dir /tmp/cli/data --checkpoint-dir /tmp/cli/ck --output-dir /tmp/cli/out \
-        --log-interval 500 --eval-interval 1000 > "$OUT/cli.log" 2>&1; grep -E "step 3000|Elapsed|done|error" "$OUT/cli.log" | tail -6 ;;
+        --log-interval 500 --eval-interval 1000 > "$OUT/cli.log" 2>&1
+      echo "cli exit $? after $(python3 -c "import time; print(round(time.time() - $start, 1))") s"
+      grep -E "step [0-9]+ \||done|error" "$OUT/cli.log" | cut -c1-160 | tail -8 ;;
   esac
 done
 python3 - "$OUT/bench.jsonl" <<'PY'

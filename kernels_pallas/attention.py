@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 
 IMPLS = ("xla", "cudnn", "pallas")
 # THE measured default per platform (jax.default_backend()); anything not listed uses the reference.
-# gpu: H200, small's layer (B 32, T 512, 8 heads, qk 96, v 64), bf16 forward + backward:
-# cudnn 0.33 ms, xla 1.46 ms (BENCHMARKS.md). Revise after benchmarks/gpu_attention.py.
+# gpu (H200, bf16, forward + backward, BENCHMARKS.md): small's heads at T 512, xla 1.62 ms, cudnn 0.55,
+# pallas 0.43 (tiles tuned by the sweep); at T 2048, xla 4.30, cudnn 1.08, pallas 1.07. cudnn stays the
+# default until a whole train step with the tuned pallas tiles has been measured (`dsjax bench
+# --attention cudnn,pallas`): with them only the kernel alone was timed; cudnn's step was measured.
 AUTO_IMPL = {"cpu": "xla", "gpu": "cudnn"}
 
 _logged: set[tuple[str, str]] = set()

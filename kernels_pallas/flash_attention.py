@@ -89,12 +89,15 @@ def _tiles(block_q: int, block_k: int, T: int, S: int, k_pad: int, stages: int) 
 def default_tiles(T: int, S: int, Kq: int, block_q=None, block_k=None, itemsize: int = 2):
     """(fwd, dq, dkv) tiles for this shape. THE place to tune block sizes.
 
-    Defaults follow the Triton FlashAttention-2 recipe for Hopper: wide query
-    blocks in the forward and dQ kernels (each program keeps its queries in
-    registers and streams keys), wide key blocks in the dK/dV kernel. Rows wider
-    than 256 bytes (qk over 128 in bf16, over 64 in fp32) halve the blocks and
-    pipeline 2 stages instead of 3, to stay inside shared memory. Explicit
-    block_q / block_k apply to all three kernels.
+    Forward: wide query blocks (each program keeps its queries in registers and
+    streams keys). Backward: square 64 x 64 blocks with 4 warps for dQ and dK/dV,
+    measured on an H200 (benchmarks/gpu_attention.py --sweep, small's heads qk 96 /
+    v 64, bf16): 1.07 ms forward + backward at T 2048 and 0.43 ms at T 512, against
+    3.40 and 1.33 ms for the Triton-tutorial shapes (dQ 128 x 32, dK/dV 32 x 128,
+    4 warps), whose fp32 accumulators at a 128-wide head overflow the registers.
+    Rows wider than 256 bytes (qk over 128 in bf16, over 64 in fp32; not measured)
+    halve the blocks and pipeline 2 stages instead of 3, to stay inside shared
+    memory. Explicit block_q / block_k apply to all three kernels.
     """
     k_pad = pl.next_power_of_2(Kq)
     wide_rows = k_pad * itemsize > 256
@@ -102,15 +105,23 @@ def default_tiles(T: int, S: int, Kq: int, block_q=None, block_k=None, itemsize:
     if block_q or block_k:
         bq, bk = block_q or 64, block_k or 64
         return tuple(_tiles(bq, bk, T, S, k_pad, 2) for _ in range(3))
+    square = narrow if wide_rows else 64
     return (
         _tiles(wide, narrow, T, S, k_pad, stages),  # forward: queries x keys
-        _tiles(wide, 32, T, S, k_pad, stages),  # dQ: queries x keys
-        _tiles(32, wide, T, S, k_pad, stages),  # dK/dV: queries (inner loop) x keys (per program)
+        _tiles(square, square, T, S, k_pad, stages),  # dQ: queries (per program) x keys (inner loop)
+        _tiles(square, square, T, S, k_pad, stages),  # dK/dV: queries (inner loop) x keys (per program)
     )
 
 
-def make_plan(T, S, Kq, Kv, scale, *, itemsize=2, block_q=None, block_k=None, interpret=False, poison=False) -> Plan:
-    fwd, dq, dkv = default_tiles(T, S, Kq, block_q, block_k, itemsize)
+def make_plan(
+    T, S, Kq, Kv, scale, *, itemsize=2, block_q=None, block_k=None, tiles=None, interpret=False, poison=False
+) -> Plan:
+    """`tiles`: explicit (fwd, dq, dkv) Tiles, for tuning sweeps; otherwise `default_tiles`."""
+    if tiles is not None:
+        fwd, dq, dkv = (_tiles(t.block_q, t.block_k, T, S, pl.next_power_of_2(Kq), t.num_stages) for t in tiles)
+        fwd, dq, dkv = (dataclasses.replace(a, num_warps=t.num_warps) for a, t in zip((fwd, dq, dkv), tiles))
+    else:
+        fwd, dq, dkv = default_tiles(T, S, Kq, block_q, block_k, itemsize)
     q_multiple = max(t.block_q for t in (fwd, dq, dkv))
     k_multiple = max(t.block_k for t in (fwd, dq, dkv))
     return Plan(
@@ -379,6 +390,7 @@ def _pad_rows(x, length: int):
 def flash_attention(
     q_BHTK, k_BHSK, v_BHSV, scale: float, q_offset=0, *,
     block_q: int | None = None, block_k: int | None = None, interpret: bool | None = None, debug_poison: bool = False,
+    tiles: tuple[Tiles, Tiles, Tiles] | None = None,
 ):
     """Causal attention softmax(scale * q k^T) v, differentiable; output [B, H, T, V] in q's dtype.
 
@@ -400,7 +412,7 @@ def flash_attention(
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     plan = make_plan(
-        T, S, Kq, Kv, scale, itemsize=q_BHTK.dtype.itemsize, block_q=block_q, block_k=block_k,
+        T, S, Kq, Kv, scale, itemsize=q_BHTK.dtype.itemsize, block_q=block_q, block_k=block_k, tiles=tiles,
         interpret=interpret, poison=debug_poison,
     )
     off = jnp.asarray(q_offset, jnp.int32).reshape(1)

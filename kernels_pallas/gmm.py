@@ -151,8 +151,9 @@ def _gmm_kernel(expert_ref, lhs_ref, rhs_ref, *rest, tile_k: int, transpose_rhs:
         return acc_mn + _dot(a, rhs_ref[jnp.maximum(e, 0), ks, cols], 1, 0)
 
     # unused blocks (e == -1) run no K steps and store zeros
-    num_k = jnp.where(e >= 0, lhs_ref.shape[1] // tile_k, 0)
-    acc_mn = jax.lax.fori_loop(0, num_k, step, jnp.zeros(out_ref.shape, jnp.float32))
+    # loop bounds all int32: Triton's scf.for rejects mixed bound types (a weak-typed where gives i1/i64 mixes)
+    num_k = jnp.where(e >= 0, jnp.int32(lhs_ref.shape[1] // tile_k), jnp.int32(0)).astype(jnp.int32)
+    acc_mn = jax.lax.fori_loop(jnp.int32(0), num_k, step, jnp.zeros(out_ref.shape, jnp.float32))
     out_ref[...] = acc_mn.astype(out_ref.dtype)
 
 

@@ -16,6 +16,7 @@ from kernels_pallas import attention as attn
 from kernels_pallas.attention import attention_reference, causal_attention, flash_attention
 from meshes import rules
 from meshes.mesh import build_mesh
+from triton_lowering import lower_for_cuda
 
 # Tolerances stated once. Kernel vs reference: fp32 max abs diff; bf16 ||a - ref|| / ||ref||
 # against the fp32 reference on the same (bf16-rounded) inputs. Model: per-leaf relative error.
@@ -92,9 +93,7 @@ def _lower_for_cuda(B, H, T, S, Kq, Kv, dtype, **kw):
         out = flash_attention(q, k, v, Kq**-0.5, off, interpret=False, **kw)
         return jnp.sum(out.astype(jnp.float32))
 
-    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(q, k, v, off).lower(
-        lowering_platforms=("cuda",)
-    ).as_text()
+    text = lower_for_cuda(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), q, k, v, off)
     for name in ("flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv"):
         assert name in text, f"{name} missing from the CUDA lowering"
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
 from dsjax.model.layers import swiglu
-from meshes.expert_parallel import ep_size, expert_parallel
+from meshes.expert_parallel import current_scheme, ep_size, expert_parallel, expert_parallel_dispatch
 
 
 def route(logits_TE, bias_E, c: ModelConfig):
@@ -126,14 +126,15 @@ def _experts_pallas(experts, x_TD, expert_idx_TK, gate_TK):
 def resolve_impl(impl: str, c: ModelConfig | None = None) -> str:
     """The compute path: an explicit `impl` wins, then `model.moe_impl`, then the measured default.
 
-    `auto` is `dense` on every platform today: on CPU it is the fastest layout for
-    few experts, and on an H200 `ragged_dot` ran 12x slower than dense for `small`'s
-    layer (8.38 vs 0.68 ms forward + backward, BENCHMARKS.md).
+    `auto` is measured (BENCHMARKS.md, H200, bf16): on GPU the Pallas grouped matmul
+    (small's train step 42.7 ms against 50.1 ms dense; its MoE layer 1.06 vs 1.55 ms,
+    medium's 1.86 vs 5.07 ms; equal for tiny), never `ragged` (`ragged_dot` ran 8-13x
+    slower than dense there); on CPU the dense layout, fastest for few experts.
     """
     if impl == "auto" and c is not None:
         impl = c.moe_impl
     if impl == "auto":
-        return "dense"
+        return "pallas" if jax.default_backend() == "gpu" else "dense"
     return impl
 
 
@@ -145,9 +146,18 @@ def moe(p, x_BTD, c: ModelConfig, impl: str = "auto"):
     expert_idx_TK, gate_TK, scores_TE = route(logits_TE, p["gate"]["e_score_correction_bias"], c)
     K, E = c.num_experts_per_tok, c.n_routed_experts
     if ep_size() > 1:
-        # experts split over ep (replicate-and-mask; the ragged path has no EP form yet)
-        combine_BTE = combine_weights(expert_idx_TK, gate_TK, E).reshape(B, T, E)
-        out_TD = expert_parallel(experts_masked, p["experts"], x_BTD, combine_BTE).reshape(B * T, D)
+        if current_scheme() == "all_to_all":
+            # each (token, expert) copy goes to its expert's ep shard, which runs the one-device
+            # path chosen by `impl` on the rows it receives; results come back and are gate-combined
+            local_fn = {"dense": _experts_dense, "ragged": _experts_ragged, "pallas": _experts_pallas}[resolve_impl(impl, c)]
+            out_BTD = expert_parallel_dispatch(
+                local_fn, p["experts"], x_BTD, expert_idx_TK.reshape(B, T, K), gate_TK.reshape(B, T, K)
+            )
+        else:
+            # replicate-and-mask, the reference scheme
+            combine_BTE = combine_weights(expert_idx_TK, gate_TK, E).reshape(B, T, E)
+            out_BTD = expert_parallel(experts_masked, p["experts"], x_BTD, combine_BTE)
+        out_TD = out_BTD.reshape(B * T, D)
     else:
         experts_fn = {"dense": _experts_dense, "ragged": _experts_ragged, "pallas": _experts_pallas}[resolve_impl(impl, c)]
         out_TD = experts_fn(p["experts"], x_TD, expert_idx_TK, gate_TK)
