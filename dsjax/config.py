@@ -135,6 +135,9 @@ class DistributedConfig:
     sp_size: int = 1
     microbatches: int = -1  # pipeline microbatches per step; -1: automatic (>= 2 * pp_size when the batch allows)
     pipeline_repeats: int = 1  # layer groups per stage: 1 = GPipe, > 1 = circular schedule
+    # how tokens reach experts under ep > 1 (same result; free to change on --resume):
+    # mask = replicate-and-mask, all_to_all = dispatch each token copy to its expert's shard
+    ep_dispatch: str = "mask"
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.attention_impl": ("auto", "xla", "cudnn", "pallas"),
     "model.rope_scaling.type": ("yarn",),
     "training.lr_schedule": ("cosine", "wsd", "constant"),
+    "distributed.ep_dispatch": ("mask", "all_to_all"),
 }
 
 _BLOCKS: dict[str, type] = {
@@ -394,7 +398,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"distributed.pipeline_repeats: must be >= 1 (1 = GPipe), got {d.pipeline_repeats}")
     for f in dataclasses.fields(d):
         value = getattr(d, f.name)
-        if value == 0 or value < -1:
+        if isinstance(value, int) and (value == 0 or value < -1):
             raise ConfigError(f"distributed.{f.name}: must be >= 1 (or -1 to infer), got {value}")
 
 

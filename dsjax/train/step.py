@@ -14,6 +14,7 @@ from dsjax import model
 from dsjax.config import Config
 from dsjax.train.optimizer import lr_schedule, make_optimizer
 from meshes import pipeline, rules
+from meshes.expert_parallel import with_scheme
 from meshes.mesh import BATCH_AXES, MeshShape, resolve_microbatches
 
 
@@ -100,9 +101,8 @@ def make_train_step(config: Config, moe_impl: str = "auto", mesh=None):
     optimizer = make_optimizer(t)
     schedule = lr_schedule(t)
     M = microbatches_for(config, mesh)
-    grad_fn = jax.value_and_grad(
-        lambda p, w: model.loss_fn(p, w, c, moe_impl=moe_impl, microbatches=M), has_aux=True
-    )
+    loss_fn = lambda p, w: model.loss_fn(p, w, c, moe_impl=moe_impl, microbatches=M)  # noqa: E731
+    grad_fn = jax.value_and_grad(with_scheme(config.distributed.ep_dispatch, loss_fn), has_aux=True)
 
     def train_step(state: TrainState, batch_ABT1):
         A = batch_ABT1.shape[0]
@@ -181,7 +181,8 @@ def make_eval_step(config: Config, moe_impl: str = "auto", mesh=None):
     M = microbatches_for(config, mesh)
 
     def eval_step(params, windows_BT1, bytes_BT1, weight_B):
-        logits_BTV, _ = model.forward(params, windows_BT1[:, :-1], c, moe_impl=moe_impl, microbatches=M)
+        forward = with_scheme(config.distributed.ep_dispatch, model.forward)
+        logits_BTV, _ = forward(params, windows_BT1[:, :-1], c, moe_impl=moe_impl, microbatches=M)
         nll_BT = model.token_cross_entropy(logits_BTV, windows_BT1[:, 1:])
         nats = jnp.sum(nll_BT * weight_B[:, None])
         tokens = jnp.sum(jnp.ones_like(nll_BT) * weight_B[:, None])
