@@ -90,6 +90,26 @@ def abstract_state(config: Config, stages: int = 1) -> TrainState:
     return jax.eval_shape(lambda: init_state(config, jax.random.key(0), stages))
 
 
+def accumulated_gradients(grad_fn, params, batch_ABT1):
+    """(mean gradient, mean metrics) over the A microbatches of batch_ABT1, summed in a scan.
+
+    grad_fn(params, window_BT1) -> ((loss, metrics), grads). Equal-size microbatches
+    whose losses are token means make this the gradient of the whole batch's mean loss.
+    """
+    A = batch_ABT1.shape[0]
+
+    def accumulate(carry, window_BT1):
+        (_, metrics), grads = grad_fn(params, window_BT1)
+        return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+    zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        jax.eval_shape(lambda: (params, grad_fn(params, batch_ABT1[0])[0][1])),
+    )
+    (grads, metrics), _ = jax.lax.scan(accumulate, zeros, batch_ABT1)
+    return jax.tree.map(lambda g: g / A, grads), jax.tree.map(lambda m: m / A, metrics)
+
+
 def make_train_step(config: Config, moe_impl: str = "auto", mesh=None):
     """train_step(state, batch_ABT1) -> (state, metrics); A = gradient-accumulation microbatches.
 
@@ -105,19 +125,7 @@ def make_train_step(config: Config, moe_impl: str = "auto", mesh=None):
     grad_fn = jax.value_and_grad(with_scheme(config.distributed.ep_dispatch, loss_fn), has_aux=True)
 
     def train_step(state: TrainState, batch_ABT1):
-        A = batch_ABT1.shape[0]
-
-        def accumulate(carry, window_BT1):
-            (_, metrics), grads = grad_fn(state.params, window_BT1)
-            return jax.tree.map(jnp.add, carry, (grads, metrics)), None
-
-        zeros = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype),
-            jax.eval_shape(lambda: (state.params, grad_fn(state.params, batch_ABT1[0])[0][1])),
-        )
-        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, batch_ABT1)
-        grads = jax.tree.map(lambda g: g / A, grads)
-        metrics = jax.tree.map(lambda m: m / A, metrics)
+        grads, metrics = accumulated_gradients(grad_fn, state.params, batch_ABT1)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         load = metrics.pop("expert_load")
