@@ -86,7 +86,7 @@ class ModelConfig:
     # full (save only the block's input), save_dots (save weight-matmul outputs, recompute the rest)
     remat: str = "none"
     # compute paths (same function, different speed; free to change on --resume)
-    moe_impl: str = "auto"  # auto | dense | ragged | pallas: how routed experts are computed
+    moe_impl: str = "auto"  # auto | dense | ragged | blocked | pallas: how routed experts are computed
     attention_impl: str = "auto"  # auto | xla | cudnn | pallas: causal attention of the training path
 
     @property
@@ -186,7 +186,7 @@ _ALIASES: dict[str, dict[str, str]] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.scoring_func": ("sigmoid", "softmax"),
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.moe_impl": ("auto", "dense", "ragged", "pallas"),
+    "model.moe_impl": ("auto", "dense", "ragged", "blocked", "pallas"),
     "model.remat": ("none", "full", "save_dots"),
     "model.attention_impl": ("auto", "xla", "cudnn", "pallas"),
     "model.rope_scaling.type": ("yarn",),

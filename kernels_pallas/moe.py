@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from kernels_pallas.gmm import Groups, choose_tiles, default_interpret, gmm, padded_dim
 
-__all__ = ["Routing", "choose_block_m", "default_interpret", "experts_pallas", "experts_reference", "permute",
+__all__ = ["Routing", "choose_block_m", "default_interpret", "experts_blocked", "experts_pallas", "experts_reference", "permute",
            "permuted_rows", "route_to_blocks", "unpermute", "unsupported_reason"]
 
 
@@ -184,3 +184,25 @@ def experts_reference(experts, x_TD, expert_idx_TK, gate_TK):
     u_TEF = jnp.einsum("td,edf->tef", x_TD, experts["up_proj"].astype(dtype))
     y_TED = jnp.einsum("tef,efd->ted", jax.nn.silu(g_TEF) * u_TEF, experts["down_proj"].astype(dtype))
     return jnp.einsum("ted,te->td", y_TED, combine_TE.astype(dtype))
+
+
+def experts_blocked(experts, x_TD, expert_idx_TK, gate_TK, *, block_m: int = 128):
+    """The grouped matmul in plain jnp: the `pallas` layout, one batched matmul over row blocks.
+
+    Each row block of the permuted operand multiplies its own expert's weights,
+    gathered per block ([blocks, D, F], a few MiB at nano's size), so only the chosen
+    experts are computed (plus padding up to `block_m` rows per expert). Any backend
+    runs it; on a 2-core CPU it ran `nano`'s MoE layer 2.3x faster than the dense
+    masked path, forward + backward (BENCHMARKS.md).
+    """
+    dtype = x_TD.dtype
+    E, D, F = experts["gate_proj"].shape
+    routing = route_to_blocks(expert_idx_TK, E, block_m)
+    x_MD = permute(x_TD, routing)
+    blocks = x_MD.shape[0] // block_m
+    expert_B = jnp.maximum(routing.groups.block_expert, 0)  # unused blocks hold zero rows
+    gate_up = jnp.concatenate([experts["gate_proj"], experts["up_proj"]], axis=-1).astype(dtype)
+    h_BRX = jnp.einsum("brd,bdx->brx", x_MD.reshape(blocks, block_m, D), gate_up[expert_B])
+    hidden_BRF = jax.nn.silu(h_BRX[..., :F]) * h_BRX[..., F:]
+    y_BRD = jnp.einsum("brf,bfd->brd", hidden_BRF, experts["down_proj"].astype(dtype)[expert_B])
+    return unpermute(y_BRD.reshape(blocks * block_m, D), routing, gate_TK)

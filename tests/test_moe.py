@@ -1,6 +1,7 @@
 import dataclasses
 
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 
@@ -92,7 +93,8 @@ def test_apply_bias_updates_touches_every_router_and_nothing_else():
     np.testing.assert_array_equal(new["layers"]["0"]["mlp"]["gate_proj"]["kernel"], params["layers"]["0"]["mlp"]["gate_proj"]["kernel"])
 
 
-def test_dense_and_ragged_expert_paths_agree():
+@pytest.mark.parametrize("impl", ["ragged", "blocked"])
+def test_dense_and_sparse_expert_paths_agree(impl):
     c = GROUPED
     params = model.init(c, jax.random.key(7))["layers"]["2"]["mlp"]
     x = jax.random.normal(jax.random.key(8), (2, 16, c.hidden_size))
@@ -101,9 +103,9 @@ def test_dense_and_ragged_expert_paths_agree():
         return lambda p: jnp.sum(moe(p, x, c, impl)[0] ** 2)
 
     out_d, _, load_d = moe(params, x, c, "dense")
-    out_r, _, load_r = moe(params, x, c, "ragged")
+    out_r, _, load_r = moe(params, x, c, impl)
     np.testing.assert_allclose(np.asarray(out_d), np.asarray(out_r), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(load_d), np.asarray(load_r))
-    g_d, g_r = jax.grad(loss("dense"))(params), jax.grad(loss("ragged"))(params)
+    g_d, g_r = jax.grad(loss("dense"))(params), jax.grad(loss(impl))(params)
     for a, b in zip(jax.tree.leaves(g_d), jax.tree.leaves(g_r)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -32,7 +32,9 @@ def chunked_head_nll(h_BTD, norm_scale, head_DV, targets_BT, weight_BT, c: Model
 
     Tokens are split into chunks of `chunk_tokens`; each chunk's logits are made,
     reduced to its weighted NLL and dropped, and `jax.checkpoint` makes the backward
-    pass remake them chunk by chunk instead of saving them. Same value and gradients
+    pass remake them chunk by chunk instead of saving them (with a single chunk,
+    nothing is remade: the logits are within budget and recomputing them costs a
+    third more head FLOPs). Same value and gradients
     as `token_cross_entropy` over full logits (summation order aside).
     """
     B, T, D = h_BTD.shape
@@ -45,15 +47,18 @@ def chunked_head_nll(h_BTD, norm_scale, head_DV, targets_BT, weight_BT, c: Model
     t_N = jnp.pad(targets_BT.reshape(N), (0, pad))
     w_N = jnp.pad(weight_BT.reshape(N).astype(jnp.float32), (0, pad))  # padded tokens weigh 0
 
-    @jax.checkpoint
     def chunk_nll(h_CD, t_C, w_C):
         normed = rms_norm(h_CD, norm_scale, c.rms_norm_eps)
         logits_CV = jnp.dot(normed, head_DV.astype(normed.dtype), preferred_element_type=jnp.float32)
         nll_C = token_cross_entropy(logits_CV, t_C)
         return jnp.sum(nll_C * w_C)
 
+    # one chunk (every token's logits fit the budget, as for nano on CPU): keep them for the
+    # backward pass like the plain path; several: remake each chunk's logits there instead
+    chunk_fn = jax.checkpoint(chunk_nll) if n > 1 else chunk_nll
+
     def body(total, chunk):
-        return total + chunk_nll(*chunk), None
+        return total + chunk_fn(*chunk), None
 
     chunks = (h_ND.reshape(n, C, D), t_N.reshape(n, C), w_N.reshape(n, C))
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks)
