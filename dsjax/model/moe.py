@@ -137,24 +137,31 @@ def _multi_device_mesh() -> bool:
     return not mesh.empty and mesh.size > 1
 
 
-def resolve_impl(impl: str, c: ModelConfig | None = None) -> str:
+def resolve_impl(impl: str, c: ModelConfig | None = None, tokens: int | None = None) -> str:
     """The compute path: an explicit `impl` wins, then `model.moe_impl`, then the measured default.
 
     `auto` is measured (BENCHMARKS.md, H200, bf16): on GPU the Pallas grouped matmul
     (small's train step 42.7 ms against 50.1 ms dense; its MoE layer 1.06 vs 1.55 ms,
     medium's 1.86 vs 5.07 ms; equal for tiny), never `ragged` (`ragged_dot` ran 8-13x
     slower than dense there); on CPU `blocked`, the same grouped layout in plain jnp
-    (nano's train step 1.4x faster than dense on 2 cores). Under a multi-device mesh
-    without ep, `auto` keeps the dense path: its matmuls shard by the rules table,
-    where a sort over sharded tokens would gather them.
+    (nano's train step 1.3x faster than dense on 2 cores). `auto` keeps the dense path
+    under a multi-device mesh (its matmuls shard by the rules table, where a sort over
+    sharded tokens would gather them) and for too few tokens to fill the row blocks
+    (generation).
     """
     if impl == "auto" and c is not None:
         impl = c.moe_impl
     if impl == "auto":
-        if jax.default_backend() == "gpu":
-            return "pallas"
-        return "dense" if _multi_device_mesh() else "blocked"
+        if _multi_device_mesh() or (c is not None and tokens is not None and not _fills_blocks(c, tokens)):
+            return "dense"
+        return "pallas" if jax.default_backend() == "gpu" else "blocked"
     return impl
+
+
+def _fills_blocks(c: ModelConfig, tokens: int) -> bool:
+    """Whether the sorted paths pay: each expert's rows are padded to a block (64-128 rows),
+    so with few tokens (decoding one token per row) they would compute mostly padding."""
+    return tokens * c.num_experts_per_tok >= 2 * 64 * c.n_routed_experts
 
 
 def moe(p, x_BTD, c: ModelConfig, impl: str = "auto"):
@@ -168,7 +175,7 @@ def moe(p, x_BTD, c: ModelConfig, impl: str = "auto"):
         if current_scheme() == "all_to_all":
             # each (token, expert) copy goes to its expert's ep shard, which runs the one-device
             # path chosen by `impl` on the rows it receives; results come back and are gate-combined
-            local_fn = EXPERT_PATHS[resolve_impl(impl, c)]
+            local_fn = EXPERT_PATHS[resolve_impl(impl, c, B * T)]
             out_BTD = expert_parallel_dispatch(
                 local_fn, p["experts"], x_BTD, expert_idx_TK.reshape(B, T, K), gate_TK.reshape(B, T, K)
             )
@@ -178,7 +185,7 @@ def moe(p, x_BTD, c: ModelConfig, impl: str = "auto"):
             out_BTD = expert_parallel(experts_masked, p["experts"], x_BTD, combine_BTE)
         out_TD = out_BTD.reshape(B * T, D)
     else:
-        experts_fn = EXPERT_PATHS[resolve_impl(impl, c)]
+        experts_fn = EXPERT_PATHS[resolve_impl(impl, c, B * T)]
         out_TD = experts_fn(p["experts"], x_TD, expert_idx_TK, gate_TK)
     if "shared_experts" in p:
         s = p["shared_experts"]
