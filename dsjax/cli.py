@@ -6,12 +6,15 @@
     dsjax info      [--model-size ...] [--config FILE]
     dsjax bench     [--model-size tiny,small] [--moe dense,pallas] [--attention xla,cudnn] [--json]
 
-Flags override the config file, which overrides the size preset.
+Flags override the config file, which overrides the size preset. Every failure is
+one line on stderr with an exit code listed in `dsjax --help`; flags, config, mesh,
+data folder and run name are all checked before any tokenizing or compiling.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import logging
@@ -53,13 +56,50 @@ RUN_OVERRIDES = {
     "sp_size": ("distributed", "sp_size"),
     "microbatches": ("distributed", "microbatches"),
     "pipeline_repeats": ("distributed", "pipeline_repeats"),
+    "ep_dispatch": ("distributed", "ep_dispatch"),
     "moe": ("model", "moe_impl"),
     "attention": ("model", "attention_impl"),
 }
 
 
+EXIT_CODES = """exit codes:
+  0    done
+  1    unexpected internal error (one line; --verbose or LOG_LEVEL=DEBUG adds the traceback)
+  2    bad flag, config, mesh, data folder or run name (found before training starts)
+  3    training diverged (NaN/inf loss); the last good checkpoint is kept
+  4    a checkpoint cannot be read, written or resumed from
+  130  interrupted (Ctrl-C)
+  141  output closed early (broken pipe, e.g. `dsjax generate ... | head`)
+  143  stopped by SIGTERM after saving a checkpoint (continue with --resume)"""
+
+# XLA aborts the process when a CPU collective waits longer than this (default 40 s) for
+# every device thread to arrive; on a loaded machine, an 8-device CPU mesh on 2 cores gets
+# there without being stuck. Raised for CPU meshes (the warning still comes after 2 minutes).
+CPU_COLLECTIVE_FLAGS = {
+    "xla_cpu_collective_call_terminate_timeout_seconds": 3600,
+    "xla_cpu_collective_call_warn_stuck_timeout_seconds": 120,
+}
+
+
 class UsageError(ValueError):
     pass
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (not the usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -89,83 +129,230 @@ def resolve_run_config(args: argparse.Namespace):
         value = getattr(args, dest, None)
         if value is not None:
             overrides.setdefault(block, {})[key] = value
-    return load_config(args.model_size, args.config, overrides)
+    config = load_config(args.model_size, args.config, overrides)
+    check_finite(config)
+    return config
+
+
+def check_finite(config) -> None:
+    """NaN and inf pass every `> 0` check (a JSON config may hold NaN); refuse them by key."""
+    for block in ("model", "training", "distributed"):
+        for f in dataclasses.fields(getattr(config, block)):
+            value = getattr(getattr(config, block), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{block}.{f.name}: must be a finite number, got {value}")
 
 
 def requested_devices(config, gpus: int | None) -> int | None:
-    """Total devices the mesh flags ask for (None when a size is inferred and --gpus is absent)."""
+    """Total devices the mesh flags ask for: --gpus, else the product of the given sizes (-1 counts as 1).
+
+    None when no flag asks for more than one device (then a run uses what is there).
+    """
     if gpus is not None:
         return gpus
     sizes = [getattr(config.distributed, f"{a}_size") for a in ("pp", "dp", "ep", "sp", "tp")]
-    return None if -1 in sizes else math.prod(sizes)
+    total = math.prod(s for s in sizes if s != -1)
+    return total if total > 1 else None
+
+
+def _xla_knows_flag(name: str) -> bool:
+    """Whether the installed jaxlib defines an XLA flag (XLA aborts at start-up on an unknown one).
+
+    Looks for the name in jaxlib's shared libraries without importing JAX (the flags
+    must be set before JAX starts).
+    """
+    import importlib.util
+    import mmap
+
+    spec = importlib.util.find_spec("jaxlib")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    needle = name.encode()
+    for folder in folders:
+        for lib in sorted(Path(folder).glob("*.so"), key=lambda p: -p.stat().st_size):
+            try:
+                with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    if data.find(needle) >= 0:
+                        return True
+            except (OSError, ValueError):  # unreadable or empty file: look in the others
+                continue
+    return False
 
 
 def ensure_host_devices(per_host: int) -> None:
-    """On a CPU host, split the CPU into `per_host` devices so the same mesh flags work on a laptop.
+    """On a CPU host, split the CPU into `per_host` devices so the same mesh flags work on a laptop,
+    and lengthen XLA's CPU collective timeouts so a loaded machine does not abort the run.
 
-    Must run before JAX creates its backends; XLA reads this flag only for the CPU platform.
+    Must run before JAX creates its backends; XLA reads these flags only for the CPU platform.
+    Flags the user already set in XLA_FLAGS are left alone.
     """
     flags = os.environ.get("XLA_FLAGS", "")
-    if per_host > 1 and "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={per_host}".strip()
+    if per_host <= 1:
+        return
+    added = []
+    if "xla_force_host_platform_device_count" not in flags:
+        added.append(f"--xla_force_host_platform_device_count={per_host}")
+    for name, value in CPU_COLLECTIVE_FLAGS.items():
+        if name not in flags and _xla_knows_flag(name):
+            added.append(f"--{name}={value}")
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
+
+
+def _process_id(args: argparse.Namespace) -> int:
+    if args.process_id is not None:
+        return args.process_id
+    return int(os.environ.get("JAX_PROCESS_ID", "0") or 0)
+
+
+def check_run_flags(args: argparse.Namespace) -> None:
+    if args.gpus is not None and args.gpus <= 0:
+        raise UsageError(f"--gpus must be > 0, got {args.gpus}")
+    if args.num_processes is not None and args.num_processes <= 0:
+        raise UsageError(f"--num-processes must be > 0, got {args.num_processes}")
+    if args.process_id is not None:
+        count = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0") or 0)
+        if args.process_id < 0 or (count and args.process_id >= count):
+            raise UsageError(f"--process-id must be in 0..{max(count - 1, 0)}, got {args.process_id}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues a run and --overwrite moves it aside; pass one of them")
+    if args.allow_data_change and not args.resume:
+        raise UsageError("--allow-data-change applies to --resume (a new run simply uses the data it is given)")
+
+
+def check_mesh(config, args: argparse.Namespace) -> None:
+    """Mesh sizes against the model, batch and devices: everything `build_mesh` would refuse, before any work."""
+    import jax
+
+    from meshes.mesh import MeshError, MeshShape, resolve_shape, validate
+
+    d = config.distributed
+    sizes = {a: getattr(d, f"{a}_size") for a in ("pp", "dp", "ep", "sp", "tp")}
+    # first with an inferred size at its smallest (1): the same error on any machine, whatever its device count
+    validate(MeshShape(**{a: 1 if s == -1 else s for a, s in sizes.items()}), config)
+    available = len(jax.devices())
+    if args.gpus is not None and args.gpus > available:
+        raise MeshError(f"--gpus {args.gpus} asks for more devices than the {available} available")
+    validate(resolve_shape(d, args.gpus or available), config)
+    if config.training.batch_size % jax.process_count():
+        raise UsageError(
+            f"batch_size={config.training.batch_size} does not divide over {jax.process_count()} processes"
+        )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from dsjax.data import layout
     from dsjax.progress import console, setup_logging
+    from dsjax.train import runs
 
     setup_logging(args.verbose)
+    check_run_flags(args)
     if args.backend == "mlx":
         from dsjax.mlx_backend import require_mlx
 
         require_mlx()
     stages = parse_stages(args.stages)
     config = resolve_run_config(args)
-    if args.gpus is not None and args.gpus <= 0:
-        raise UsageError(f"--gpus must be > 0, got {args.gpus}")
+    run_name = config.training.run_name or args.model_size
+    runs.check_run_name(run_name)
     total = requested_devices(config, args.gpus)
-    if args.backend == "mlx" and total and total > 1:
-        raise UsageError(f"--backend mlx runs on one device, but the mesh flags ask for {total}; drop them")
+    mesh_total = max(total or 1, requested_devices(config, None) or 1)
+    if args.backend == "mlx" and mesh_total > 1:
+        raise UsageError(f"--backend mlx runs on one device, but the mesh flags ask for {mesh_total}; drop them")
+
+    # before any work: the data is there (or is the default, to download), the run name is free
+    data_dir = Path(config.training.data_dir)
+    must_download = layout.check_data_dir(data_dir, may_download="data_prep" in stages)
+    paths = runs.RunPaths.for_run(config, run_name)
+    to_move: list[Path] = []
+    if "pretrain" in stages:
+        if not args.resume:
+            if not (args.overwrite and _process_id(args) != 0):  # with --overwrite, process 0 moves the folders
+                to_move = runs.check_name_free(paths, run_name, args.overwrite)
+        else:
+            check_resume(config, paths, run_name, data_dir, must_download, args)
+
     if total:
         ensure_host_devices(total // max(args.num_processes or 1, 1))
-    run_name = config.training.run_name or args.model_size
+    if "pretrain" in stages and args.backend == "jax":
+        from dsjax.train.distributed import initialize_multihost
+
+        initialize_multihost(args.coordinator, args.num_processes, args.process_id)
+        check_mesh(config, args)
+
+    if to_move:
+        for old, new in runs.move_aside(to_move):
+            log.warning("--overwrite: moved %s to %s", old, new)
     console.print_json(json.dumps({"run_name": run_name, "stages": stages, **config.to_dict()}))
-
-    data_dir = Path(config.training.data_dir)
     if "data_prep" in stages:
-        from dsjax.data.download import dataset_ready, download_from_hub
+        if must_download:
+            from dsjax.data.download import download_from_hub
 
-        if dataset_ready(data_dir):
-            log.info("data_prep: %s already holds train/ and valid/; not downloading", data_dir)
-        else:
             log.info("data_prep: downloading TinyStories into %s", data_dir)
             download_from_hub(data_dir)
+        else:
+            log.info("data_prep: %s already holds train/ and valid/; not downloading", data_dir)
     if "pretrain" in stages:
-        from dsjax.data.download import dataset_ready
-        from dsjax.train.loop import pretrain
-
-        if not dataset_ready(data_dir):
-            raise UsageError(
-                f"no data at {data_dir} (needs train/stories.jsonl and valid/stories.jsonl); "
-                "add the data_prep stage, run `dsjax download`, or pass --data-dir"
-            )
         if args.backend == "mlx":
             from dsjax.mlx_backend.loop import pretrain_mlx
 
             pretrain_mlx(config, run_name, resume=args.resume)
             return 0
-        from dsjax.train.distributed import initialize_multihost
+        from dsjax.train.loop import pretrain
 
-        initialize_multihost(args.coordinator, args.num_processes, args.process_id)
-        pretrain(config, run_name, resume=args.resume, device_count=args.gpus)
+        pretrain(config, run_name, resume=args.resume, device_count=args.gpus, allow_data_change=args.allow_data_change)
     return 0
 
 
+def check_resume(config, paths, run_name: str, data_dir: Path, must_download: bool, args: argparse.Namespace) -> None:
+    """What --resume will continue, checked from the checkpoint's small files before any work."""
+    from dsjax.data import layout
+    from dsjax.train import runs
+
+    point = runs.latest_resume_point(paths.checkpoints)
+    if point is None:
+        runs.check_nothing_to_lose(paths, run_name)
+        return
+    current = None if must_download else layout.fingerprints(data_dir)
+    runs.check_resume(point, config, current, args.allow_data_change)
+    if args.backend == "mlx":
+        check_mlx_tokenizer(config, point, data_dir, args)
+
+
+def check_mlx_tokenizer(config, point, data_dir: Path, args: argparse.Namespace) -> None:
+    """The MLX loop tokenizes with the work folder's tokenizer for this data; it must be the checkpoint's."""
+    from dsjax.data import layout
+    from dsjax.data.tokenizer import TOKENIZER_FILE, tokenizer_dir
+
+    if args.allow_data_change:
+        raise UsageError("--allow-data-change is not supported with --backend mlx; resume on the JAX backend")
+    if point.tokenizer is None or not layout.dataset_ready(data_dir):
+        return
+    t = config.training
+    expected = tokenizer_dir(Path(t.work_dir), layout.split_file(data_dir, "train"), config.model.vocab_size)
+    expected = expected / TOKENIZER_FILE
+    if not expected.is_file() or layout.file_digest(expected) != layout.file_digest(point.tokenizer):
+        raise UsageError(
+            f"--backend mlx --resume tokenizes with {expected}, which is not the checkpoint's tokenizer "
+            f"({point.tokenizer}); pass the original run's --work-dir, or resume on the JAX backend"
+        )
+
+
 def cmd_download(args: argparse.Namespace) -> int:
-    from dsjax.data.download import download_from_hub, prepare_from_local
+    from dsjax.data.download import DownloadError, check_max_stories, download_from_hub, prepare_from_local
+    from dsjax.data.layout import SPLITS, split_file
     from dsjax.progress import setup_logging
 
     setup_logging(False)
+    check_max_stories(args.max_stories)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DownloadError(f"--out {out} is a file; it must be a folder (train/ and valid/ are written inside)")
+    existing = [str(split_file(out, s)) for s in SPLITS if split_file(out, s).exists()]
+    if existing:
+        raise DownloadError(
+            f"--out {out} already holds {' and '.join(existing)}; download never replaces data: choose another --out, "
+            "or move that folder away first"
+        )
     if args.source:
         stats = prepare_from_local(Path(args.source), out, args.max_stories)
     else:
@@ -179,14 +366,29 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from dsjax.data.tokenizer import Tokenizer
-    from dsjax.infer.generate import SamplingConfig, generate_tokens, stream_text
-    from dsjax.train.checkpoint import load_final
+    from dsjax.data.tokenizer import Tokenizer, TokenizerError
+    from dsjax.infer.generate import SamplingConfig, check_prompt, generate_tokens, stream_text
+    from dsjax.progress import setup_logging
+    from dsjax.train.checkpoint import CheckpointError, load_final, read_final_config
 
+    setup_logging(False)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     sampling.validate()
-    params, config, tokenizer_path = load_final(Path(args.checkpoint))
-    tokenizer = Tokenizer(tokenizer_path)
+    final_dir = Path(args.checkpoint)
+    config = read_final_config(final_dir)  # flags against the model before any array is read
+    sampling.check_model(config.model)
+    try:
+        tokenizer = Tokenizer(final_dir / "tokenizer.model")
+    except TokenizerError as err:
+        raise CheckpointError(str(err)) from None
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise CheckpointError(
+            f"{tokenizer.path} has {tokenizer.vocab_size} pieces but {final_dir / 'config.json'} says "
+            f"vocab_size={config.model.vocab_size}; this final/ folder is inconsistent"
+        )
+    prompt_ids = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
+    check_prompt(len(prompt_ids), config.model)  # before the prompt is echoed
+    params, config, _ = load_final(final_dir)
     if args.backend == "mlx":
         from dsjax.mlx_backend import require_mlx
 
@@ -200,7 +402,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         generate = generate_tokens_mlx
     else:
         generate = generate_tokens
-    prompt_ids = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
     prompt_text = tokenizer.decode(prompt_ids)
     sys.stdout.write(prompt_text)
     sys.stdout.flush()
@@ -215,6 +416,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         write,
     )
     sys.stdout.write("\n")
+    sys.stdout.flush()
     print(
         f"[{stats['tokens']} tokens in {stats['seconds']:.2f}s, {stats['tokens_per_sec']:.1f} tokens/s after compile]",
         file=sys.stderr,
@@ -255,21 +457,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batches, accums, seqs = _csv(args.batch_size, int), _csv(args.grad_accum, int), _csv(args.seq_len, int)
     except ValueError as err:
         raise UsageError(f"--batch-size/--grad-accum/--seq-len take integers or comma lists: {err}") from None
-    moes, attns = _csv(args.moe), _csv(args.attention)
+    moes, attns, remats = _csv(args.moe), _csv(args.attention), _csv(args.remat)
     for value in moes:
-        if value not in ("auto", "dense", "ragged", "pallas"):
-            raise UsageError(f"--moe: unknown path '{value}' (auto, dense, ragged, pallas)")
+        if value not in ("auto", "dense", "ragged", "blocked", "pallas"):
+            raise UsageError(f"--moe: unknown path '{value}' (auto, dense, ragged, blocked, pallas)")
     for value in attns:
         if value not in ("auto", "xla", "cudnn", "pallas"):
             raise UsageError(f"--attention: unknown path '{value}' (auto, xla, cudnn, pallas)")
     if args.steps <= 0 or args.warmup < 0:
         raise UsageError(f"--steps must be > 0 and --warmup >= 0, got {args.steps} and {args.warmup}")
     cases = []
-    for size, moe, attn, b, a, t in itertools.product(
-        sizes, moes or [None], attns or [None], batches or [None], accums or [None], seqs or [None]
+    for size, moe, attn, remat, b, a, t in itertools.product(
+        sizes, moes or [None], attns or [None], remats or [None], batches or [None], accums or [None], seqs or [None]
     ):
         overrides = {
-            "model": {k: v for k, v in (("moe_impl", moe), ("attention_impl", attn)) if v is not None},
+            "model": {
+                k: v for k, v in (("moe_impl", moe), ("attention_impl", attn), ("remat", remat)) if v is not None
+            },
             "training": {
                 k: v for k, v in (("batch_size", b), ("gradient_accumulation_steps", a), ("seq_len", t)) if v is not None
             },
@@ -277,8 +481,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 a_: getattr(args, a_) for a_ in ("pp_size", "dp_size", "tp_size", "ep_size", "sp_size") if getattr(args, a_) is not None
             },
         }
-        if args.remat is not None:
-            overrides["model"]["remat"] = args.remat == "on"
         cases.append(bench.Case(size, load_config(size, args.config, overrides)))  # every case validated up front
     if args.backend == "mlx":
         raise UsageError("dsjax bench --backend mlx: not supported yet; tests/bench_backends.py times MLX against JAX on CPU")
@@ -327,14 +529,33 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_EPILOG = """a run name is a promise:
+  outputs/<run> and checkpoints/<run> are never reused silently. If either holds
+  anything, `run` refuses before any work unless --resume (continue it), a new
+  --run-name, or --overwrite (move both aside to <run>.replaced-<UTC time>/; nothing
+  is deleted). --resume continues the newest checkpoint with its own tokenizer, and
+  refuses other data (unless --allow-data-change), a config that changes the model,
+  or a --max-steps at or below the checkpoint's step.
+
+data:
+  --data-dir DIR must hold train/stories.jsonl and valid/stories.jsonl (make them with
+  `dsjax download --out DIR [--from PATH]`). Only the default data/stories is ever
+  downloaded into, and only when it holds neither file."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dsjax",
         description="Train small DeepSeek-V3-style models (MLA, DeepSeekMoE, MTP) on TinyStories with JAX.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run pipeline stages (data_prep, pretrain)", description="Run pipeline stages.")
+    run = sub.add_parser(
+        "run", help="run pipeline stages (data_prep, pretrain)", epilog=RUN_EPILOG + "\n\n" + EXIT_CODES,
+        description="Run pipeline stages.", formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("--backend", choices=BACKENDS, default="jax")
     _add_config_flags(run)
     run.add_argument("--stages", default="data_prep,pretrain", help="comma-separated stages (default data_prep,pretrain)")
@@ -342,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, help="sequences per micro-batch")
     run.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     run.add_argument("--seq-len", type=int)
-    run.add_argument("--learning-rate", type=float)
+    run.add_argument("--learning-rate", type=finite_float)
     run.add_argument("--warmup-steps", type=int)
     run.add_argument("--run-name", help="name under checkpoints/ and outputs/ (default: the model size)")
     run.add_argument("--eval-interval", type=int)
@@ -354,14 +575,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-dir", help="default checkpoints")
     run.add_argument("--output-dir", help="default outputs")
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this run")
+    run.add_argument(
+        "--overwrite", action="store_true",
+        help="reuse a run name that holds a run: its folders are first moved aside to <run>.replaced-<UTC time>/",
+    )
+    run.add_argument(
+        "--allow-data-change", action="store_true",
+        help="with --resume: continue on a different data folder (tokenized with the checkpoint's tokenizer)",
+    )
     run.add_argument("--seed", type=int)
     run.add_argument(
-        "--moe", choices=("auto", "dense", "ragged", "pallas"),
-        help="routed-expert compute path (model.moe_impl; default auto = the measured fastest: dense)",
+        "--moe", choices=("auto", "dense", "ragged", "blocked", "pallas"),
+        help="routed-expert compute path (model.moe_impl; default auto = the measured fastest: pallas on GPU, blocked on CPU)",
     )
     run.add_argument(
         "--attention", choices=("auto", "xla", "cudnn", "pallas"),
-        help="training attention path (model.attention_impl; default auto = the measured fastest)",
+        help="training attention path (model.attention_impl): xla = jnp reference, cudnn = cuDNN flash "
+        "attention (GPU, bf16), pallas = our flash kernel (Triton on GPU, interpreted on CPU); "
+        "default auto = the measured fastest (xla on CPU, cudnn on GPU)",
     )
     run.add_argument("--verbose", action="store_true", help="debug logging (or set LOG_LEVEL)")
     mesh = run.add_argument_group("device mesh (sizes multiply to the device count; one may be -1 = infer)")
@@ -376,27 +607,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline-repeats", type=int, metavar="R",
         help="layer groups per pipeline stage: 1 = GPipe (default), R > 1 = circular schedule, bubble / R",
     )
+    mesh.add_argument(
+        "--ep-dispatch", choices=("mask", "all_to_all"),
+        help="how tokens reach experts under --ep-size > 1 (distributed.ep_dispatch): mask = replicate-and-mask "
+        "(default), all_to_all = send each token copy to its expert's shard; same result, BUILD.md compares traffic",
+    )
     hosts = run.add_argument_group("several hosts (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
     hosts.add_argument("--coordinator", help="HOST:PORT of process 0")
     hosts.add_argument("--num-processes", type=int)
     hosts.add_argument("--process-id", type=int)
     run.set_defaults(func=cmd_run)
 
-    download = sub.add_parser("download", help="fetch TinyStories (or convert local files) into train/ + valid/ JSONL")
+    download = sub.add_parser(
+        "download", help="fetch TinyStories (or convert local files) into train/ + valid/ JSONL",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     download.add_argument("--out", default="data/stories", help="output folder (default data/stories)")
     download.add_argument("--from", dest="source", metavar="PATH", help="local .txt/.jsonl file or folder instead of the hub")
     download.add_argument("--max-stories", type=int, help="stop after N stories per split")
     download.add_argument("--version", choices=("v1", "v2"), default="v1", help="v1 (default) or v2 (GPT-4 only)")
     download.set_defaults(func=cmd_download)
 
-    gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
+    gen = sub.add_parser(
+        "generate", help="continue a prompt with a trained checkpoint",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     gen.add_argument("--checkpoint", required=True, help="a final/ folder, e.g. checkpoints/nano/final")
     gen.add_argument("--backend", choices=BACKENDS, default="jax")
     gen.add_argument("--prompt", default="Once upon a time")
     gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0, help="0 = off")
-    gen.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    gen.add_argument("--top-p", type=finite_float, default=1.0, help="1.0 = off")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
 
@@ -417,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--backend", choices=BACKENDS, default="jax")
     bn.add_argument("--moe", help="MoE path(s): auto,dense,ragged,pallas (comma list)")
     bn.add_argument("--attention", help="attention path(s): auto,xla,cudnn,pallas (comma list)")
-    bn.add_argument("--remat", choices=("on", "off"), help="rematerialise decoder blocks (model.remat)")
+    bn.add_argument("--remat", help="rematerialisation policy(ies): none,full,save_dots (model.remat; comma list)")
     bn.add_argument("--batch-size", help="sequences per micro-batch (comma list)")
     bn.add_argument("--grad-accum", help="micro-batches per optimizer step (comma list)")
     bn.add_argument("--seq-len", help="tokens per sequence (comma list)")
@@ -440,46 +682,97 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# (module, exception class, exit code, prefix): looked up in sys.modules, so that classifying an
+# error never imports JAX or Orbax (a refused run must answer in well under a second of imports)
+ERROR_KINDS = (
+    ("dsjax.config", "ConfigError", 2, "config error"),
+    ("dsjax.train.runs", "RunError", 2, "error"),
+    ("dsjax.data.layout", "DataError", 2, "error"),
+    ("dsjax.data.download", "DownloadError", 2, "error"),
+    ("dsjax.data.tokenizer", "TokenizerError", 2, "error"),
+    ("dsjax.infer.generate", "SamplingError", 2, "error"),
+    ("meshes.mesh", "MeshError", 2, "error"),
+    ("dsjax.mlx_backend", "MLXUnavailable", 2, "error"),
+    ("dsjax.train.checkpoint", "CheckpointError", 4, "checkpoint error"),
+    ("dsjax.train.loop", "TrainingDiverged", 3, ""),
+)
+
+
+def classify(err: BaseException) -> tuple[int, str] | None:
+    if isinstance(err, UsageError):
+        return 2, "error"
+    for module_name, class_name, code, prefix in ERROR_KINDS:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if isinstance(cls, type) and isinstance(err, cls):
+            return code, prefix
+    return None
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _say(message: str) -> None:
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError, OSError):  # stderr closed too: nothing left to tell
+        pass
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # captured or replaced stdout (tests): nothing to redirect
+        pass
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "verbose", False)) or os.environ.get("LOG_LEVEL", "").upper() == "DEBUG"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a bad flag (2, one line already printed)
+        return exit_.code if isinstance(exit_.code, int) else 0
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from dsjax.data.download import DownloadError
-    from dsjax.data.pipeline import DataError
-    from dsjax.data.tokenizer import TokenizerError
-    from dsjax.infer.generate import SamplingError
-    from dsjax.train.checkpoint import CheckpointError
     from dsjax.train.signals import StopRequested
-    from dsjax.mlx_backend import MLXUnavailable
-    from meshes.mesh import MeshError
 
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"dsjax: config error: {err}", file=sys.stderr)
-        return 2
-    except (UsageError, DownloadError, TokenizerError, DataError, SamplingError, FileNotFoundError, MeshError) as err:
-        print(f"dsjax: error: {err}", file=sys.stderr)
-        return 2
-    except MLXUnavailable as err:
-        print(f"dsjax: error: {err}", file=sys.stderr)
-        return 2
-    except CheckpointError as err:
-        print(f"dsjax: checkpoint error: {err}", file=sys.stderr)
-        return 4
+    except BrokenPipeError:
+        _quiet_stdout()
+        _say("dsjax: output closed early (broken pipe); stopped")
+        return 141
     except StopRequested as stop:
-        print(f"dsjax: {stop}", file=sys.stderr)
+        _say(f"dsjax: {one_line(stop)}")
         return stop.exit_code
     except KeyboardInterrupt:
-        print("dsjax: interrupted", file=sys.stderr)
+        _say("dsjax: interrupted")
         return 130
-    except RuntimeError as err:
-        if err.__class__.__name__ == "TrainingDiverged":
-            print(f"dsjax: {err}", file=sys.stderr)
-            return 3
-        raise
+    except Exception as err:  # noqa: BLE001 - every failure ends as one line and a documented exit code
+        kind = classify(err)
+        if kind is not None:
+            code, prefix = kind
+            _say(f"dsjax: {prefix + ': ' if prefix else ''}{one_line(err)}")
+            return code
+        if isinstance(err, OSError):
+            _say(f"dsjax: error: {one_line(err)}")
+            return 2
+        if _debug(args):
+            import traceback
+
+            traceback.print_exc()
+        _say(
+            f"dsjax: internal error: {err.__class__.__name__}: {one_line(err)[:300]} "
+            "(rerun with --verbose or LOG_LEVEL=DEBUG for the traceback)"
+        )
+        return 1
 
 
 if __name__ == "__main__":

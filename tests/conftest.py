@@ -10,11 +10,24 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data" / "tinystories"
+# 300 train + 100 valid TinyStories, committed with the tests (CDLA-Sharing-1.0, see its README.md):
+# every clone has it, so the suite runs anywhere and gives the same results everywhere
+SAMPLE_DATA = REPO / "tests" / "data" / "tinystories"
+# the 2,316 + 1,000-story sample that sits beside this checkout on the project's machines only
+LARGE_DATA = REPO.parent / "shared" / "data" / "tinystories"
 
 
 @pytest.fixture(scope="session")
 def tinystories_dir() -> Path:
-    if not (SHARED_DATA / "train" / "stories.jsonl").is_file():
-        pytest.fail(f"real TinyStories sample missing at {SHARED_DATA} (tests need ../shared beside the repo)")
-    return SHARED_DATA
+    """Real TinyStories in the train/ + valid/ layout: the committed sample."""
+    if not (SAMPLE_DATA / "train" / "stories.jsonl").is_file():
+        pytest.fail(f"the committed TinyStories sample is missing at {SAMPLE_DATA}")
+    return SAMPLE_DATA
+
+
+@pytest.fixture(scope="session")
+def tinystories_large_dir() -> Path:
+    """The larger sample in ../shared, for checks that gain from more (and more varied) text; skipped without it."""
+    if not (LARGE_DATA / "train" / "stories.jsonl").is_file():
+        pytest.skip(f"the larger TinyStories sample is not beside this checkout ({LARGE_DATA})")
+    return LARGE_DATA

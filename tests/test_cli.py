@@ -25,11 +25,11 @@ def test_help_works_as_console_script_and_module():
         (["run", "--stages", "pretrian"], "unknown stage 'pretrian'; did you mean 'pretrain'"),
         (["run", "--stages", "sft"], "stage 'sft' is not implemented yet"),
         (["run", "--backend", "mlx", "--tp-size", "2", "--dp-size", "1"], "--backend mlx runs on one device"),
-        (["run", "--stages", "pretrain", "--data-dir", "/nonexistent/x"], "no data at /nonexistent/x"),
+        (["run", "--stages", "pretrain", "--data-dir", "/nonexistent/x"], "data folder /nonexistent/x does not exist"),
         (["run", "--max-steps", "0", "--stages", "pretrain"], "training.max_steps: must be > 0, got 0"),
         (["run", "--seq-len", "4096"], "training.seq_len: 4096 exceeds model.max_position_embeddings=1024"),
         (["generate", "--checkpoint", "/nonexistent/final"], "is not a dsjax final/ checkpoint"),
-        (["download", "--from", "/nonexistent/file.txt", "--out", "/tmp/x"], "no such file or folder"),
+        (["download", "--from", "/nonexistent/file.txt", "--out", "/nonexistent/out"], "no such file or folder"),
     ],
 )
 def test_bad_input_gets_a_clear_error(args, message, capsys):
@@ -44,10 +44,16 @@ def test_bad_config_file(tmp_path, capsys):
     assert "did you mean 'num_hidden_layers'" in capsys.readouterr().err
 
 
-def test_unknown_flag_exits_with_usage():
-    with pytest.raises(SystemExit) as err:
-        main(["run", "--max-step", "3", "--bogus"])
-    assert err.value.code == 2
+def test_unknown_flag_is_one_line_and_exit_code_2(capsys):
+    assert main(["run", "--max-step", "3", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unrecognized arguments: --bogus" in err
+
+
+def test_help_lists_exit_codes(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "exit codes:" in out and "141" in out and "143" in out
 
 
 def test_info_prints_counts(capsys):

@@ -96,6 +96,28 @@ def test_tokenizer_round_trip_and_byte_counts(tinystories_dir, tokenizer):
     assert len(tokenizer.sp.encode_as_pieces("2024")) >= 4  # digits are split
 
 
+def test_round_trip_on_the_larger_sample(tinystories_large_dir, tokenizer):
+    """Every story of the larger valid split (more text, repaired mojibake) survives the small sample's tokenizer."""
+    for text in read_jsonl(tinystories_large_dir / "valid/stories.jsonl"):
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text
+        assert int(tokenizer.story_byte_counts(ids).sum()) == len(text.encode("utf-8"))
+
+
+def test_run_drops_empty_stories_and_files_follow_the_umask(tmp_path, tokenizer):
+    jsonl = tmp_path / "stories.jsonl"
+    jsonl.write_text('{"text": "A cat sat."}\n{"text": ""}\n{"text": "  \\n "}\n{"text": "A dog ran."}\n')
+    old = os.umask(0o022)
+    try:
+        split = tokenize_split(jsonl, tokenizer, tmp_path / "work", "valid")
+        write_jsonl_atomic(tmp_path / "out" / "stories.jsonl", ["one story"])
+    finally:
+        os.umask(old)
+    assert split.stories == 2 and int((np.asarray(split.tokens) == tokenizer.bos_id).sum()) == 2
+    written = [*(tmp_path / "work").rglob("*.npy"), tmp_path / "out" / "stories.jsonl"]
+    assert written and all(f.stat().st_mode & 0o777 == 0o644 for f in written)
+
+
 def test_vocab_mismatch_is_a_clear_error(tokenizer):
     with pytest.raises(TokenizerError, match=r"model.vocab_size=32000 but the tokenizer .* has 4096 pieces"):
         check_vocab(tokenizer, 32000)
@@ -103,9 +125,10 @@ def test_vocab_mismatch_is_a_clear_error(tokenizer):
 
 def test_packing_loses_and_duplicates_nothing(tmp_path, tinystories_dir, tokenizer):
     split = tokenize_split(tinystories_dir / "valid/stories.jsonl", tokenizer, tmp_path, "valid")
-    assert split.stories == 1000
+    n = len(read_jsonl(tinystories_dir / "valid/stories.jsonl"))
+    assert split.stories == n
     tokens = np.asarray(split.tokens)
-    assert int((tokens == tokenizer.bos_id).sum()) == 1000 and int((tokens == tokenizer.eos_id).sum()) == 1000
+    assert int((tokens == tokenizer.bos_id).sum()) == n and int((tokens == tokenizer.eos_id).sum()) == n
     assert tokens[0] == tokenizer.bos_id and tokens[-1] == tokenizer.eos_id
     bos_at = np.flatnonzero(tokens == tokenizer.bos_id)
     np.testing.assert_array_equal(tokens[bos_at[1:] - 1], tokenizer.eos_id)  # every story closes before the next opens

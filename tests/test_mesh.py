@@ -132,4 +132,4 @@ def test_mesh_validation_errors():
 def test_cli_reports_mesh_errors(capsys, tinystories_dir):
     code = main(["run", "--stages", "pretrain", "--data-dir", str(tinystories_dir), "--tp-size", "3", "--dp-size", "1"])
     assert code == 2
-    assert "needs 3 devices but 8 are available" in capsys.readouterr().err
+    assert "num_attention_heads=4 is not divisible by tp_size=3" in capsys.readouterr().err

@@ -3,18 +3,35 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsjax import model, progress
 from dsjax.cli import main
 from dsjax.config import load_config
 from dsjax.train.metrics import METRIC_COLUMNS
 from dsjax.train.optimizer import decay_mask, lr_schedule
-from dsjax.train.step import init_state, make_train_step
+from dsjax.train.step import accumulated_gradients, init_state, make_train_step
 
 
 def run_cli(*args) -> int:
     return main(["run", "--model-size", "nano", *map(str, args)])
+
+
+BAR_UPDATES: list[dict] = []  # what the training loop told its progress bar, in order
+
+
+def recording_progress():
+    bar = progress.training_progress()
+    update = bar.update
+
+    def record(task, **fields):
+        BAR_UPDATES.append(fields)
+        return update(task, **fields)
+
+    bar.update = record
+    return bar
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +44,17 @@ def trained(tmp_path_factory, tinystories_dir):
         "--log-interval", 3, "--eval-interval", 6, "--checkpoint-interval", 6, "--eval-batches", 4,
         "--warmup-steps", 3, "--gpus", 1,  # one device here; meshes are tested in test_mesh/test_multihost
     ]
-    assert run_cli(*common, "--max-steps", 12) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("dsjax.train.loop.training_progress", recording_progress)
+        assert run_cli(*common, "--max-steps", 12) == 0
     return root, common
+
+
+def test_the_bar_advances_every_step_with_an_eta(trained):
+    """Steps are logged every 3rd step, but the bar moves at each one (from the loop, not from fetched metrics)."""
+    completed = [u for u in BAR_UPDATES if "completed" in u]
+    assert [u["completed"] for u in completed] == list(range(1, 13))
+    assert all("eta" in u for u in completed) and completed[-1]["eta"] == "0:00:00"
 
 
 def read_rows(path):
@@ -105,13 +131,26 @@ def test_gradient_accumulation_matches_one_big_batch():
     small = dataclasses.replace(config.model, num_hidden_layers=2)
     config = dataclasses.replace(config, model=small)
     windows = np.asarray(jax.random.randint(jax.random.key(0), (8, 33), 0, small.vocab_size))
-    step = make_train_step(config)
-    one, m_one = step(init_state(config, jax.random.key(1)), windows.reshape(1, 8, 33))
-    two, m_two = step(init_state(config, jax.random.key(1)), windows.reshape(2, 4, 33))
-    for key in ("loss", "ce_loss", "grad_norm", "expert_imbalance"):
+    params = init_state(config, jax.random.key(1)).params
+    grad_fn = jax.value_and_grad(lambda p, w: model.loss_fn(p, w, small), has_aux=True)
+    accumulate = jax.jit(lambda p, b: accumulated_gradients(grad_fn, p, b))
+    g_one, m_one = accumulate(params, windows.reshape(1, 8, 33))
+    g_two, m_two = accumulate(params, windows.reshape(2, 4, 33))
+    for key in ("loss", "ce_loss", "mtp_loss", "balance_loss"):
         np.testing.assert_allclose(float(m_one[key]), float(m_two[key]), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(m_one["expert_load"]), np.asarray(m_two["expert_load"]), rtol=1e-6)
+    # the gradient the optimizer receives; comparing parameters *after* AdamW would test
+    # fp32 rounding instead: AdamW's first step is about lr * g / (|g| + 1e-8), so gradients
+    # near 1e-8, made by cancellation, turn rounding noise into a visible share of lr
+    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(g_one), jax.tree.leaves(g_one), jax.tree.leaves(g_two)):
+        err = float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(a) + 1e-30))
+        assert err <= 1e-5, (jax.tree_util.keystr(path[0]), err)
+    # and the whole train step runs both ways with the same metrics
+    step = make_train_step(config)
+    _, s_one = step(init_state(config, jax.random.key(1)), windows.reshape(1, 8, 33))
+    _, s_two = step(init_state(config, jax.random.key(1)), windows.reshape(2, 4, 33))
+    for key in ("loss", "ce_loss", "grad_norm", "expert_imbalance"):
+        np.testing.assert_allclose(float(s_one[key]), float(s_two[key]), rtol=1e-5)
 
 
 def test_lr_schedules():

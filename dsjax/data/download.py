@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from dsjax.data.layout import SPLITS, dataset_ready, publish_mode  # noqa: F401 - dataset_ready re-exported
 from dsjax.progress import progress_bar
 
 HF_BASE = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
@@ -31,7 +32,6 @@ HUB_FILES = {
     "v2": {"train": "TinyStoriesV2-GPT4-train.txt", "valid": "TinyStoriesV2-GPT4-valid.txt"},
 }
 END_OF_TEXT = "<|endoftext|>"
-SPLITS = ("train", "valid")
 
 
 class DownloadError(RuntimeError):
@@ -109,6 +109,15 @@ def iter_jsonl_stories(path: Path, stats: SplitStats) -> Iterator[str]:
             yield text
 
 
+def iter_run_stories(path: Path, stats: SplitStats) -> Iterator[str]:
+    """The stories a run trains on: `iter_jsonl_stories` without empty or whitespace-only texts (as `download` drops them)."""
+    for text in iter_jsonl_stories(path, stats):
+        if text.strip():
+            yield text
+        else:
+            stats.dropped_empty += 1
+
+
 def iter_stories(path: Path, stats: SplitStats) -> Iterator[str]:
     if path.suffix == ".jsonl":
         yield from iter_jsonl_stories(path, stats)
@@ -130,6 +139,7 @@ def write_jsonl_atomic(path: Path, stories: Iterable[str]) -> int:
                 count += 1
             f.flush()
             os.fsync(f.fileno())
+        publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -168,6 +178,7 @@ def prepare_from_local(
 ) -> dict[str, SplitStats]:
     """Read local TinyStories files into the train/valid JSONL layout under `out`."""
     source = Path(source)
+    check_max_stories(max_stories)
     if not source.exists():
         raise DownloadError(f"--from {source}: no such file or folder")
     stats = {split: SplitStats() for split in SPLITS}
@@ -205,6 +216,11 @@ def prepare_from_local(
     return stats
 
 
+def check_max_stories(max_stories: int | None) -> None:
+    if max_stories is not None and max_stories <= 0:
+        raise DownloadError(f"--max-stories must be > 0 (or left out for every story), got {max_stories}")
+
+
 def _fetch(url: str, dest: Path, timeout: float) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "dsjax"})
     try:
@@ -215,6 +231,7 @@ def _fetch(url: str, dest: Path, timeout: float) -> None:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     advance(len(chunk))
+            publish_mode(tmp)
             os.replace(tmp, dest)
     except (urllib.error.URLError, TimeoutError, OSError) as err:
         raise DownloadError(
@@ -229,6 +246,7 @@ def download_from_hub(
     """Fetch the official TinyStories .txt files from the hub and convert them."""
     if version not in HUB_FILES:
         raise DownloadError(f"unknown TinyStories version '{version}' (choose v1 or v2)")
+    check_max_stories(max_stories)
     raw_dir = Path(tempfile.mkdtemp(prefix="tinystories-"))
     try:
         for split, name in HUB_FILES[version].items():
@@ -236,7 +254,3 @@ def download_from_hub(
         return prepare_from_local(raw_dir, out, max_stories)
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
-
-
-def dataset_ready(data_dir: Path) -> bool:
-    return all((Path(data_dir) / split / "stories.jsonl").is_file() for split in SPLITS)

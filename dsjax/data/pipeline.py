@@ -19,17 +19,18 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from dsjax.data.download import SplitStats, iter_jsonl_stories
-from dsjax.data.tokenizer import Tokenizer, file_digest
+from dsjax.data.download import SplitStats, iter_run_stories
+from dsjax.data.layout import DataError, file_digest, publish_mode
+from dsjax.data.tokenizer import Tokenizer
 from dsjax.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 ENCODE_CHUNK = 4096
+# bump when what goes into a cache changes (2: empty stories are dropped, as `download` drops them)
+CACHE_FORMAT = 2
 
-
-class DataError(ValueError):
-    """The data cannot feed the requested run (too little, or empty); the message says what to change."""
+__all__ = ["DataError", "TokenizedSplit", "tokenize_split", "train_dataset", "eval_batches"]
 
 
 @dataclass
@@ -38,13 +39,17 @@ class TokenizedSplit:
     byte_counts: np.ndarray  # [N] UTF-8 bytes of story text per token (0 for <s> and </s>)
     stories: int
     malformed: int
+    source: str = ""  # the JSONL file, for messages
 
     def windows(self, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """Non-overlapping [n, seq_len + 1] windows of tokens and byte counts; the tail is dropped."""
         width = seq_len + 1
         n = len(self.tokens) // width
         if n == 0:
-            raise DataError(f"{len(self.tokens)} tokens cannot fill one window of {width}; lower training.seq_len")
+            raise DataError(
+                f"{self.source or 'the split'}: its {len(self.tokens)} tokens cannot fill one window of {width} "
+                "(seq_len + 1); use more stories or a smaller training.seq_len"
+            )
         return self.tokens[: n * width].reshape(n, width), self.byte_counts[: n * width].reshape(n, width)
 
 
@@ -53,6 +58,7 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array)
+        publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -68,17 +74,18 @@ def tokenize_split(jsonl: Path, tokenizer: Tokenizer, work_dir: Path, name: str)
     jsonl = Path(jsonl)
     cache = cache_dir_for(work_dir, tokenizer, jsonl)
     tokens_path, bytes_path, meta_path = (cache / f"{name}.{kind}" for kind in ("tokens.npy", "bytes.npy", "json"))
-    if tokens_path.is_file() and bytes_path.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+    meta = _read_meta(meta_path)
+    if meta is not None and tokens_path.is_file() and bytes_path.is_file():
         return TokenizedSplit(
-            np.load(tokens_path, mmap_mode="r"), np.load(bytes_path, mmap_mode="r"), meta["stories"], meta["malformed"]
+            np.load(tokens_path, mmap_mode="r"), np.load(bytes_path, mmap_mode="r"), meta["stories"], meta["malformed"],
+            str(jsonl),
         )
     cache.mkdir(parents=True, exist_ok=True)
     stats = SplitStats()
     token_chunks: list[np.ndarray] = []
     byte_chunks: list[np.ndarray] = []
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
-    stories = iter_jsonl_stories(jsonl, stats)
+    stories = iter_run_stories(jsonl, stats)
     with progress_bar(f"tokenize {name}", total=None) as advance:
         while True:
             batch = [s for _, s in zip(range(ENCODE_CHUNK), stories)]
@@ -92,13 +99,37 @@ def tokenize_split(jsonl: Path, tokenizer: Tokenizer, work_dir: Path, name: str)
             advance(len(batch))
     if stats.malformed:
         log.warning("%s: skipped %d malformed line(s) (bad JSON, no 'text', or invalid UTF-8)", jsonl, stats.malformed)
+    if stats.dropped_empty:
+        log.info("%s: dropped %d empty stor%s", jsonl, stats.dropped_empty, "y" if stats.dropped_empty == 1 else "ies")
     if not token_chunks:
-        raise DataError(f"{jsonl}: no stories to tokenize")
+        raise DataError(f"{jsonl}: no stories to tokenize (no line holds a non-empty \"text\")")
     tokens, byte_counts = np.concatenate(token_chunks), np.concatenate(byte_chunks)
     _save_npy_atomic(tokens_path, tokens)
     _save_npy_atomic(bytes_path, byte_counts)
-    meta_path.write_text(json.dumps({"stories": stats.stories, "malformed": stats.malformed, "tokens": len(tokens)}))
-    return TokenizedSplit(tokens, byte_counts, stats.stories, stats.malformed)
+    meta = {"format": CACHE_FORMAT, "stories": stats.stories, "malformed": stats.malformed, "tokens": len(tokens)}
+    _write_text_atomic(meta_path, json.dumps(meta))  # written last: its presence marks a complete cache
+    return TokenizedSplit(tokens, byte_counts, stats.stories, stats.malformed, str(jsonl))
+
+
+def _read_meta(path: Path) -> dict | None:
+    """A cache's metadata, or None when it is missing, unreadable or from an older format (then re-tokenize)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT else None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        publish_mode(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def train_dataset(

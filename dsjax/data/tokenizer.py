@@ -11,7 +11,6 @@ input data folder, which may be read-only or shared.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -21,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from dsjax.data.download import SplitStats, iter_jsonl_stories
+from dsjax.data.download import SplitStats, iter_run_stories
+from dsjax.data.layout import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +35,16 @@ class TokenizerError(RuntimeError):
     pass
 
 
-def file_digest(path: Path, length: int = 16) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()[:length]
-
-
 class Tokenizer:
     def __init__(self, model_path: str | Path):
         self.path = Path(model_path)
         if not self.path.is_file():
             raise TokenizerError(f"tokenizer not found: {self.path}")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as err:
+            first = str(err).strip().splitlines()[-1][:160] if str(err).strip() else err.__class__.__name__
+            raise TokenizerError(f"{self.path} is not a readable SentencePiece model ({first})") from None
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
         self._byte_lengths, self._starts_with_space = self._piece_tables()
@@ -98,7 +94,7 @@ def train_tokenizer(train_file: Path, vocab_size: int, out_dir: Path) -> Path:
         text_path = Path(tmp) / "train.txt"
         chars = 0
         with open(text_path, "w", encoding="utf-8") as f:
-            for story in iter_jsonl_stories(Path(train_file), stats):
+            for story in iter_run_stories(Path(train_file), stats):
                 f.write(story.strip() + "\n")
                 chars += len(story)
                 if chars >= MAX_TRAINING_CHARS:
@@ -150,6 +146,24 @@ def load_or_train_tokenizer(data_dir: Path, work_dir: Path, vocab_size: int) -> 
     tokenizer = Tokenizer(model_path)
     check_vocab(tokenizer, vocab_size)
     return tokenizer
+
+
+def stash_tokenizer(model_path: Path, work_dir: Path) -> Tokenizer:
+    """Load a checkpoint's tokenizer from a copy under `<work_dir>/tokenizers/run-<hash>/`.
+
+    `--resume` always tokenizes with the checkpoint's own tokenizer; the copy keeps it
+    readable after checkpoint retention deletes the step folder it came from.
+    """
+    model_path = Path(model_path)
+    Tokenizer(model_path)  # readable before anything is copied
+    folder = Path(work_dir) / "tokenizers" / f"run-{file_digest(model_path)}"
+    dest = folder / TOKENIZER_FILE
+    if not dest.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{TOKENIZER_FILE}.tmp"
+        shutil.copyfile(model_path, tmp)
+        os.replace(tmp, dest)
+    return Tokenizer(dest)
 
 
 def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -29,12 +30,28 @@ class SamplingConfig:
     def validate(self) -> None:
         if self.max_new_tokens <= 0:
             raise SamplingError(f"--max-new-tokens must be > 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise SamplingError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise SamplingError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise SamplingError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:  # also false for NaN
             raise SamplingError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+    def check_model(self, c: ModelConfig) -> None:
+        """Flags that depend on the model: top-k cannot exceed the vocabulary (lax.top_k would fail mid-trace)."""
+        if self.top_k > c.vocab_size:
+            raise SamplingError(f"--top-k {self.top_k} exceeds the model's vocabulary of {c.vocab_size} tokens")
+
+
+def check_prompt(prompt_tokens: int, c: ModelConfig) -> None:
+    """A prompt must leave room for one new token under the model's context (the prompt itself is not echoed)."""
+    if prompt_tokens < 1:
+        raise SamplingError("the prompt must have at least one token")
+    if prompt_tokens >= c.max_position_embeddings:
+        raise SamplingError(
+            f"the prompt is {prompt_tokens} tokens; the model's context is max_position_embeddings="
+            f"{c.max_position_embeddings} tokens, so shorten the prompt below {c.max_position_embeddings} tokens"
+        )
 
 
 def sample_token(logits_BV, rng, s: SamplingConfig):
@@ -73,11 +90,9 @@ def _compiled(c: ModelConfig, s: SamplingConfig):
 def generate_tokens(params, c: ModelConfig, prompt_ids: list[int], s: SamplingConfig, eos_id: int | None = None) -> Iterator[int]:
     """Yields new token ids one at a time (stops at EOS, which is not yielded, or the length limit)."""
     s.validate()
-    if not prompt_ids:
-        raise SamplingError("the prompt must have at least one token")
+    s.check_model(c)
+    check_prompt(len(prompt_ids), c)
     max_len = min(len(prompt_ids) + s.max_new_tokens, c.max_position_embeddings)
-    if len(prompt_ids) >= max_len:
-        raise SamplingError(f"prompt of {len(prompt_ids)} tokens leaves no room under max_position_embeddings={c.max_position_embeddings}")
     prefill, step = _compiled(c, s)
     cache = model.init_cache(c, batch=1, max_len=max_len)
     rng = jax.random.key(s.seed)

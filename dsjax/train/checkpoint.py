@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -53,6 +54,42 @@ class CheckpointError(RuntimeError):
 
 def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f"{STEP_PREFIX}_{step}"
+
+
+def short_error(err: BaseException) -> str:
+    """One readable line for an error from Orbax/TensorStore (whose messages carry C++ binding fragments)."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    text = text.split(" See full TensorStore details")[0]
+    text = re.sub(r"<bound method [^>]*>?", "", text).strip().rstrip(".:")
+    text = text[:200]
+    return f"{err.__class__.__name__}: {text}" if text else err.__class__.__name__
+
+
+def step_number(folder: Path) -> int | None:
+    name = Path(folder).name
+    prefix = f"{STEP_PREFIX}_"
+    return int(name[len(prefix):]) if name.startswith(prefix) and name[len(prefix):].isdigit() else None
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    """Steps whose folder Orbax finished writing (has its commit marker), oldest first; reads only the folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    steps = [step_number(f) for f in run_dir.iterdir() if f.is_dir() and (f / "_CHECKPOINT_METADATA").is_file()]
+    return sorted(s for s in steps if s is not None)
+
+
+def read_json_item(folder: Path, name: str) -> dict | None:
+    """A step's small JSON item: the plain copy `<name>.json`, else Orbax's own `<name>/metadata`; None if unreadable."""
+    for path in (Path(folder) / f"{name}.json", Path(folder) / name / "metadata"):
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
 
 
 class CheckpointStore:
@@ -99,8 +136,13 @@ class CheckpointStore:
     def _save_failed(self, step: int, err: BaseException) -> CheckpointError:
         kept = [s for s in self.manager.all_steps() if s != step]
         previous = f"{step_dir(self.run_dir, max(kept)).name} is intact" if kept else "no earlier checkpoint exists"
+        if err.__class__.__name__ == "StepAlreadyExistsError":  # not a disk problem: say what it is
+            return CheckpointError(
+                f"could not write checkpoint {step_dir(self.run_dir, step)}: it already exists (is another run "
+                f"writing to {self.run_dir}?). Training stopped; {previous}."
+            )
         return CheckpointError(
-            f"could not write checkpoint {step_dir(self.run_dir, step)}: {err.__class__.__name__}: {err}. "
+            f"could not write checkpoint {step_dir(self.run_dir, step)}: {short_error(err)}. "
             f"Training stopped; {previous}. Free disk space or fix permissions, then --resume."
         )
 
@@ -153,10 +195,9 @@ class CheckpointStore:
     def _set_aside(self, step: int, err: BaseException) -> None:
         folder = step_dir(self.run_dir, step)
         aside = folder.with_name(CORRUPT_PREFIX + folder.name)
-        first_line = str(err).splitlines()[0][:200] if str(err) else ""
         log.warning(
-            "checkpoint %s is incomplete or corrupted (%s: %s); moved to %s, falling back to the previous one",
-            folder, err.__class__.__name__, first_line, aside.name,
+            "checkpoint %s is incomplete or corrupted (%s); moved to %s, falling back to the previous one",
+            folder, short_error(err), aside.name,
         )
         from dsjax.train.distributed import barrier
 
@@ -245,20 +286,53 @@ def save_final(run_dir: Path, params, config: Config, training_state: dict, toke
 
 
 def load_config_json(path: Path) -> Config:
-    raw = json.loads(Path(path).read_text())
-    return config_from_dict({k: raw.get(k, {}) for k in ("model", "training", "distributed")})
+    """The config a checkpoint was written with; CheckpointError naming the file when it cannot be read or used."""
+    from dsjax.config import ConfigError
+
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    except ValueError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds no config object")
+    try:
+        return config_from_dict({k: raw.get(k, {}) for k in ("model", "training", "distributed")})
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def read_final_config(final_dir: Path) -> Config:
+    """The config of a final/ folder, after checking the folder is one (no arrays are read)."""
+    final_dir = Path(final_dir).absolute()
+    if not final_dir.is_dir():
+        raise FileNotFoundError(f"{final_dir} is not a dsjax final/ checkpoint (no such folder)")
+    if step_number(final_dir) is not None and (final_dir.parent / FINAL).is_dir():
+        raise CheckpointError(
+            f"{final_dir} is a training checkpoint; generate reads a final/ folder such as {final_dir.parent / FINAL}"
+        )
+    missing = [name for name in ("config.json", "params", "tokenizer.model") if not (final_dir / name).exists()]
+    if missing:
+        raise CheckpointError(
+            f"{final_dir} is not a dsjax final/ checkpoint (missing {', '.join(missing)}; it needs config.json, params/ "
+            "and tokenizer.model, as `dsjax run` writes to checkpoints/<run>/final)"
+        )
+    return load_config_json(final_dir / "config.json")
 
 
 def load_final(final_dir: Path):
-    """(params, config, tokenizer path) from a final/ folder."""
+    """(params, config, tokenizer path) from a final/ folder; CheckpointError (one line) when it cannot be read."""
     from dsjax import model
 
     final_dir = Path(final_dir).absolute()
-    if not (final_dir / "config.json").is_file() or not (final_dir / "params").is_dir():
-        raise FileNotFoundError(f"{final_dir} is not a dsjax final/ checkpoint (needs config.json and params/)")
-    config = load_config_json(final_dir / "config.json")
+    config = read_final_config(final_dir)
     abstract = model.abstract_params(config.model)
-    params = ocp.StandardCheckpointer().restore(final_dir / "params", abstract)
+    try:
+        params = ocp.StandardCheckpointer().restore(final_dir / "params", abstract)
+    except Exception as err:  # noqa: BLE001 - truncated, missing or mismatched arrays: one clear line
+        raise CheckpointError(f"cannot read the parameters in {final_dir / 'params'} ({short_error(err)})") from None
     return params, config, final_dir / "tokenizer.model"
 
 
@@ -294,7 +368,9 @@ def describe_run(run_dir: Path) -> list[CheckpointInfo]:
             try:
                 info = json.loads(state_file.read_text())
                 val, step = info.get("val_loss"), info.get("step")
-            except json.JSONDecodeError:
+                if "last_val_step" in info and info["last_val_step"] != step:
+                    val = None  # no eval at this step (val_loss is the last eval's, kept for resume)
+            except (json.JSONDecodeError, AttributeError):
                 note = "training_state.json unreadable"
         if name.startswith(f"{STEP_PREFIX}_") and name[len(STEP_PREFIX) + 1:].isdigit():
             step = int(name[len(STEP_PREFIX) + 1:])

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -14,11 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax.config import Config
+from dsjax.data import layout
 from dsjax.data.pipeline import eval_batches, tokenize_split, train_dataset
-from dsjax.data.tokenizer import load_or_train_tokenizer
-from dsjax.progress import console, training_progress
-from dsjax.train import checkpoint
+from dsjax.data.tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer, stash_tokenizer
+from dsjax.progress import StepClock, console, training_progress
+from dsjax.train import checkpoint, runs
 from dsjax.train.metrics import MetricsWriter, finite, plot_losses
+from dsjax.train.runs import RunPaths
 from dsjax.train.signals import GracefulStop, StopRequested
 from dsjax.train import distributed
 from dsjax.train.checkpoint import with_shardings
@@ -42,17 +43,6 @@ class TrainingDiverged(RuntimeError):
     """Loss or gradient norm became NaN/inf; the last good checkpoint is intact."""
 
 
-@dataclass
-class RunPaths:
-    checkpoints: Path
-    outputs: Path
-
-    @classmethod
-    def for_run(cls, config: Config, run_name: str) -> "RunPaths":
-        t = config.training
-        return cls(Path(t.checkpoint_dir) / run_name, Path(t.output_dir) / run_name)
-
-
 def evaluate(eval_step, params, split, config: Config, mesh=None) -> dict[str, float]:
     """Next-token loss (nats/token) and bits per byte over the valid split (or its first eval_batches)."""
     t = config.training
@@ -72,18 +62,36 @@ def _mean_metrics(pending: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
 
 
-def pretrain(config: Config, run_name: str, resume: bool = False, device_count: int | None = None) -> dict:
+def run_tokenizer(config: Config, paths: RunPaths, resume: bool) -> Tokenizer:
+    """The tokenizer this run uses: on --resume always the checkpoint's own, else the data's (trained on first use)."""
+    t = config.training
+    if resume:
+        saved = runs.find_tokenizer(paths.checkpoints)
+        if saved is not None:
+            tokenizer = stash_tokenizer(saved, Path(t.work_dir))
+            check_vocab(tokenizer, config.model.vocab_size)
+            log.info("resume: tokenizing with the checkpoint's tokenizer (%s)", saved)
+            return tokenizer
+    return load_or_train_tokenizer(Path(t.data_dir), Path(t.work_dir), config.model.vocab_size)
+
+
+def pretrain(
+    config: Config, run_name: str, resume: bool = False, device_count: int | None = None, allow_data_change: bool = False
+) -> dict:
     """Train per `config`; returns the summary written to training_log.json."""
-    t, c = config.training, config.model
+    t = config.training
     paths = RunPaths.for_run(config, run_name)
     data_dir = Path(t.data_dir)
-    tokenizer = load_or_train_tokenizer(data_dir, Path(t.work_dir), c.vocab_size)
-    train_split = tokenize_split(data_dir / "train" / "stories.jsonl", tokenizer, Path(t.work_dir), "train")
-    valid_split = tokenize_split(data_dir / "valid" / "stories.jsonl", tokenizer, Path(t.work_dir), "valid")
+    data_prints = layout.fingerprints(data_dir)
+    tokenizer = run_tokenizer(config, paths, resume)
+    train_split = tokenize_split(layout.split_file(data_dir, "train"), tokenizer, Path(t.work_dir), "train")
+    valid_split = tokenize_split(layout.split_file(data_dir, "valid"), tokenizer, Path(t.work_dir), "valid")
+    valid_split.windows(t.seq_len)  # a valid split too short for one window fails now, not at the first eval
     log.info(
         "data: %d train stories (%d tokens), %d valid stories (%d tokens)",
         train_split.stories, len(train_split.tokens), valid_split.stories, len(valid_split.tokens),
     )
+    data_record = {**data_prints, "tokenizer_sha256": layout.file_digest(tokenizer.path)}
     accum, micro = t.gradient_accumulation_steps, t.batch_size
     dataset = train_dataset(
         train_split, t.seq_len, micro * accum, t.seed, jax.process_index(), jax.process_count()
@@ -94,7 +102,10 @@ def pretrain(config: Config, run_name: str, resume: bool = False, device_count: 
     store = checkpoint.CheckpointStore(paths.checkpoints, t.max_to_keep, t.keep_every)
     # every exit path (normal end, error, signal) waits for the in-flight async save
     try:
-        summary = _train(config, run_name, resume, paths, tokenizer, train_split, valid_split, data_iter, store, mesh, shape)
+        summary = _train(
+            config, run_name, resume, paths, tokenizer, valid_split, data_iter, store, mesh, shape,
+            data_record, allow_data_change,
+        )
     except BaseException:
         try:
             store.close()
@@ -105,7 +116,9 @@ def pretrain(config: Config, run_name: str, resume: bool = False, device_count: 
     return summary
 
 
-def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split, data_iter, store, mesh, shape) -> dict:
+def _train(
+    config, run_name, resume, paths, tokenizer, valid_split, data_iter, store, mesh, shape, data_record, allow_data_change
+) -> dict:
     t = config.training
     accum, micro = t.gradient_accumulation_steps, t.batch_size
     stages = pipeline_stages(mesh)
@@ -128,21 +141,34 @@ def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split,
         abstract = with_shardings(abstract, jax.tree.map(lambda _: single, abstract))
     state = None
     start_step, tokens_seen, wall_before = 0, 0, 0.0
-    best_val, last_val = math.inf, None
+    best_val, last_val, last_val_step = math.inf, None, None
     if resume:
         found = store.latest_restorable(abstract, config)
         if found is None:
-            log.warning("--resume: no usable checkpoint in %s; starting from scratch", paths.checkpoints)
+            runs.check_nothing_to_lose(paths, run_name)
+            log.warning("--resume: no checkpoint in %s; starting from scratch", paths.checkpoints)
         else:
             step, (state, iter_state, saved, _) = found
+            folder = checkpoint.step_dir(paths.checkpoints, step)
+            runs.check_max_steps(step, folder, t.max_steps)
+            changed = runs.check_same_data(saved, folder, data_record, allow_data_change)
+            _check_same_tokenizer(saved, folder, data_record)
             state = to_train(state)
-            data_iter.set_state(iter_state)
+            if changed:
+                log.warning(
+                    "--allow-data-change: %s was trained on %s; continuing on %s with the checkpoint's tokenizer, "
+                    "from the new data's first batch",
+                    folder, layout.describe_fingerprints(saved["data"]), layout.describe_fingerprints(data_record),
+                )
+            else:
+                data_iter.set_state(iter_state)
             start_step = int(state.step)
             tokens_seen = int(saved.get("tokens_seen", 0))
             wall_before = float(saved.get("wall_time_sec", 0.0))
             best_val = saved.get("best_val_loss") or math.inf
             last_val = saved.get("val_loss")
-            log.info("resumed from %s at step %d", checkpoint.step_dir(paths.checkpoints, step), start_step)
+            last_val_step = saved.get("last_val_step")
+            log.info("resumed from %s at step %d", folder, start_step)
     if state is None:
         init = jax.jit(init_state, static_argnums=(0, 2), out_shardings=shardings)
         state = init(config, jax.random.key(t.seed), stages)
@@ -168,11 +194,13 @@ def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split,
             "step": step,
             "tokens_seen": tokens_seen,
             "best_val_loss": best_val if finite(best_val) else None,
-            "val_loss": last_val,
+            "val_loss": last_val,  # the latest eval's; last_val_step says which step ran it
+            "last_val_step": last_val_step,
             "checkpoint_blocking_sec": store.blocking_seconds,
             "wall_time_sec": wall_before + time.perf_counter() - run_start,
             "jax_version": jax.__version__,
             "run_name": run_name,
+            "data": data_record,  # what --resume checks: the data's and the tokenizer's fingerprints
         }
 
     def flush(step: int) -> dict[str, float]:
@@ -192,19 +220,39 @@ def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split,
         return mean
 
     last_saved = start_step if start_step else None
+    clock = StepClock()
+    done_step, in_flight = start_step, None
     with training_progress() as progress, GracefulStop() as stop:
-        task = progress.add_task("train", total=t.max_steps, completed=start_step, loss="-", lr="-", tps="-")
+        task = progress.add_task(
+            "train", total=t.max_steps, completed=start_step, loss="-", lr="-", tps="-", eta=clock.eta(0)
+        )
+
+        def step_done(step: int) -> None:
+            """Advance the bar as the device finishes each step (in loop order; no metrics are fetched)."""
+            nonlocal done_step
+            if step > done_step:
+                done_step = step
+                clock.step_done()
+                progress.update(task, completed=step, eta=clock.eta(t.max_steps - step))
+
         for step in range(start_step + 1, t.max_steps + 1):
             local = np.asarray(next(data_iter)).reshape(accum, local_micro, t.seq_len + 1)
             batch = distributed.to_global(local, batch_layout)
             state, metrics = train_step(state, batch)
             pending.append(metrics)
+            # keep one step queued behind the running one: wait (no transfer) for the previous step,
+            # so the Python loop, and the bar, run at most one step ahead of the device
+            if in_flight is not None:
+                jax.block_until_ready(in_flight)
+                step_done(step - 1)
+            in_flight = metrics["loss"]
             tokens_seen += tokens_per_step
             interval_steps += 1
             is_last = step == t.max_steps
             row: dict = {}
             if step % t.log_interval == 0 or is_last or stop.requested:
                 mean = flush(step)
+                step_done(step)
                 now = time.perf_counter()
                 tps = interval_steps * tokens_per_step / (now - interval_start)
                 interval_start, interval_steps = now, 0
@@ -216,20 +264,25 @@ def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split,
                 )
             if step % t.eval_interval == 0 or is_last:
                 flush(step)
+                step_done(step)
                 ev = evaluate(eval_step, state.params, valid_split, config, mesh)
-                best_val, last_val = min(best_val, ev["val_loss"]), ev["val_loss"]
+                best_val, last_val, last_val_step = min(best_val, ev["val_loss"]), ev["val_loss"], step
                 row.update(val_loss=ev["val_loss"], val_bpb=ev["val_bpb"])
                 log.info("step %d | val loss %.4f | val %.4f bits/byte", step, ev["val_loss"], ev["val_bpb"])
                 interval_start = time.perf_counter()  # eval time is not training throughput
+                clock.restart()  # nor is it in the ETA
             if row:
                 row.update(step=step, tokens_seen=tokens_seen, elapsed_sec=wall_before + time.perf_counter() - run_start)
                 writer.write(row)
             if step % t.checkpoint_interval == 0 or is_last or stop.requested:
                 flush(step)
+                step_done(step)
                 store.save(step, to_saved(state), data_iter.get_state(), training_state(step), config, tokenizer.path)
                 last_saved = step
                 log.debug("saving %s", checkpoint.step_dir(paths.checkpoints, step))
-            progress.update(task, completed=step)
+                clock.restart()
+            if done_step == step:
+                in_flight = None
             if stop.requested:
                 store.wait_until_finished()
                 where = checkpoint.step_dir(paths.checkpoints, last_saved)
@@ -242,9 +295,25 @@ def _train(config, run_name, resume, paths, tokenizer, train_split, valid_split,
     store.wait_until_finished()
     summary["checkpoint_blocking_sec"] = store.blocking_seconds
     final_dir = checkpoint.save_final(paths.checkpoints, to_saved(state).params, config, summary, tokenizer.path)
-    writer.write_log(summary)
     if primary:
-        plot = plot_losses(writer.rows, paths.outputs / "loss.png", f"dsjax {run_name}")
+        plot = paths.outputs / "loss.png"
+        if writer.complete or not (writer.log_path.exists() or plot.exists()):
+            writer.write_log(summary)
+            plot_losses(writer.rows, plot, f"dsjax {run_name}")
+        else:
+            log.warning(
+                "%s has no rows before step %d, so %s and %s were left as they were (they are rewritten only "
+                "from the whole history)", writer.csv_path, writer.first_step, writer.log_path.name, plot.name,
+            )
         console.print(f"[bold green]done[/] final checkpoint: {final_dir}  metrics: {writer.csv_path}  plot: {plot}")
     log.info("checkpointing blocked training for %.2fs over %d saves", store.blocking_seconds, store.saves)
     return summary
+
+
+def _check_same_tokenizer(saved: dict, folder: Path, data_record: dict) -> None:
+    recorded = (saved.get("data") or {}).get("tokenizer_sha256")
+    if recorded and recorded != data_record["tokenizer_sha256"]:
+        raise checkpoint.CheckpointError(
+            f"cannot resume from {folder}: it was trained with tokenizer {recorded}, but this run's tokenizer is "
+            f"{data_record['tokenizer_sha256']} (the run's step folders disagree); use a new --run-name"
+        )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 from pathlib import Path
 
 METRIC_COLUMNS = [
@@ -25,13 +27,21 @@ METRIC_COLUMNS = [
 
 
 class MetricsWriter:
-    """Appends one CSV row per log interval (train columns averaged over the interval) or eval."""
+    """Appends one CSV row per log interval (train columns averaged over the interval) or eval.
+
+    A fresh run never truncates an existing metrics.csv (the CLI refuses to reuse a
+    run name; this is the last guard). On resume, rows past the checkpoint are
+    dropped (they are recomputed) by rewriting the file atomically. `complete` says
+    whether the rows reach back to the run's start, the condition for rewriting
+    training_log.json and loss.png from them.
+    """
 
     def __init__(self, out_dir: Path, resume: bool, enabled: bool = True):
         self.out_dir = Path(out_dir)
         self.csv_path = self.out_dir / "metrics.csv"
         self.log_path = self.out_dir / "training_log.json"
         self.rows: list[dict] = []
+        self.complete = not resume
         self.enabled = enabled  # in a multi-host run only the primary process writes files
         if not enabled:
             return
@@ -39,20 +49,25 @@ class MetricsWriter:
         if resume and self.csv_path.is_file():
             with open(self.csv_path) as f:
                 self.rows = [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
-        else:
-            with open(self.csv_path, "w", newline="") as f:
-                csv.writer(f).writerow(METRIC_COLUMNS)
+        elif not resume:
+            if self.csv_path.is_file() and len(self.csv_path.read_text().splitlines()) > 1:
+                raise FileExistsError(
+                    f"{self.csv_path} already holds a run's metrics; refusing to start over it "
+                    "(use --resume, a new --run-name, or --overwrite)"
+                )
+            _write_rows_atomic(self.csv_path, [])
+
+    @property
+    def first_step(self):
+        return self.rows[0]["step"] if self.rows else None
 
     def truncate_after(self, step: int) -> None:
         """On resume, forget rows past the checkpoint being resumed (they will be recomputed)."""
-        self.rows = [r for r in self.rows if r.get("step") is not None and r["step"] <= step]
+        self.rows = [r for r in self.rows if isinstance(r.get("step"), int) and r["step"] <= step]
+        self.complete = bool(self.rows)  # a missing or emptied metrics.csv cannot speak for the steps before
         if not self.enabled:
             return
-        with open(self.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+        _write_rows_atomic(self.csv_path, self.rows)
 
     def write(self, row: dict) -> None:
         clean = {k: row.get(k, "") for k in METRIC_COLUMNS}
@@ -65,7 +80,25 @@ class MetricsWriter:
     def write_log(self, summary: dict) -> None:
         if not self.enabled:
             return
-        self.log_path.write_text(json.dumps({"summary": summary, "history": self.rows}, indent=2, default=float))
+        _write_atomic(self.log_path, json.dumps({"summary": summary, "history": self.rows}, indent=2, default=float))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_rows_atomic(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\r\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(buffer.getvalue())
+    os.replace(tmp, path)
 
 
 def _parse(value: str):
@@ -104,8 +137,11 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # savefig picks the format from the suffix
+    fig.savefig(tmp)
     plt.close(fig)
+    os.replace(tmp, path)
     return path
 
 
