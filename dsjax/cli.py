@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import difflib
 import json
 import logging
@@ -386,9 +387,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{tokenizer.path} has {tokenizer.vocab_size} pieces but {final_dir / 'config.json'} says "
             f"vocab_size={config.model.vocab_size}; this final/ folder is inconsistent"
         )
-    prompt_ids = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
-    check_prompt(len(prompt_ids), config.model)  # before the prompt is echoed
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.prompts_file is not None:
+        try:
+            prompts = [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"--prompts-file {args.prompts_file}: {type(err).__name__}: {err}") from None
+        if not prompts:
+            raise UsageError(f"--prompts-file {args.prompts_file} holds no prompt (one per line)")
+    else:
+        prompts = [args.prompt]
+    prompts_ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    for ids in prompts_ids:
+        check_prompt(len(ids), config.model)  # before anything is echoed
+    batched = args.prompts_file is not None or args.num_samples > 1
+    if batched and args.backend == "mlx":
+        raise UsageError("--num-samples and --prompts-file run on the JAX backend; drop --backend mlx")
     params, config, _ = load_final(final_dir)
+    if batched:
+        return _generate_batch(params, config, tokenizer, prompts_ids, sampling, args.num_samples)
+    prompt_ids = prompts_ids[0]
     if args.backend == "mlx":
         from dsjax.mlx_backend import require_mlx
 
@@ -401,7 +420,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         params = to_mlx(jax.device_get(params))
         generate = generate_tokens_mlx
     else:
-        generate = generate_tokens
+        from dsjax.infer.sampler import stream_tokens
+
+        # decoded on the device 16 tokens per call, printed as each chunk arrives
+        generate = functools.partial(stream_tokens, chunk=16)
     prompt_text = tokenizer.decode(prompt_ids)
     sys.stdout.write(prompt_text)
     sys.stdout.flush()
@@ -421,6 +443,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"[{stats['tokens']} tokens in {stats['seconds']:.2f}s, {stats['tokens_per_sec']:.1f} tokens/s after compile]",
         file=sys.stderr,
     )
+    return 0
+
+
+def _generate_batch(params, config, tokenizer, prompts_ids, sampling, num_samples: int) -> int:
+    """Every prompt x num_samples as one batch on the device; sample i of each prompt uses seed + i."""
+    import time
+
+    from dsjax.infer.sampler import sample_batch
+
+    rows = [ids for ids in prompts_ids for _ in range(num_samples)]
+    seeds = [sampling.seed + i for _ in prompts_ids for i in range(num_samples)]
+    start = time.perf_counter()
+    outputs = sample_batch(params, config.model, rows, sampling, eos_id=tokenizer.eos_id, seeds=seeds)
+    seconds = time.perf_counter() - start
+    for r, (ids, out) in enumerate(zip(rows, outputs)):
+        p, i = divmod(r, num_samples)
+        sys.stdout.write(f"--- prompt {p + 1}, sample {i + 1} (seed {seeds[r]}) ---\n")
+        sys.stdout.write(tokenizer.decode(ids + out) + "\n")
+    sys.stdout.flush()
+    total = sum(map(len, outputs))
+    print(f"[{len(rows)} samples, {total} tokens in {seconds:.2f}s (compile included), "
+          f"{total / seconds:.1f} tokens/s]", file=sys.stderr)
     return 0
 
 
@@ -639,7 +683,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0, help="0 = off")
     gen.add_argument("--top-p", type=finite_float, default=1.0, help="1.0 = off")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="sample i (of --num-samples) uses seed + i")
+    gen.add_argument("--num-samples", type=int, default=1, metavar="N",
+                     help="samples per prompt, decoded together on the device (default 1: streamed)")
+    gen.add_argument("--prompts-file", metavar="FILE",
+                     help="one prompt per line instead of --prompt; every prompt x --num-samples in one batch")
     gen.set_defaults(func=cmd_generate)
 
     ckpts = sub.add_parser("checkpoints", help="inspect a run's checkpoints")

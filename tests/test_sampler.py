@@ -28,7 +28,8 @@ def test_on_device_equals_step_by_step(nano, s):
     c, params = nano
     reference = list(generate_tokens(params, c, PROMPT_A, s))
     assert sample_batch(params, c, [PROMPT_A], s) == [reference]
-    assert list(stream_tokens(params, c, PROMPT_A, s, chunk=5)) == reference  # chunked streaming
+    chunks = list(stream_tokens(params, c, PROMPT_A, s, chunk=5))  # chunked streaming
+    assert [t for chunk in chunks for t in chunk] == reference and max(map(len, chunks)) == 5
     # batched rows equal single rows: row r samples with seed + r
     batch = sample_batch(params, c, [PROMPT_A, PROMPT_B, PROMPT_A], s)
     singles = [

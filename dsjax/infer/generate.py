@@ -126,16 +126,25 @@ def generate_uncached_greedy(params, c: ModelConfig, prompt_ids: list[int], max_
     return out
 
 
-def stream_text(tokens: Iterator[int], decode: Callable[[list[int]], str], write: Callable[[str], None]) -> dict:
-    """Write text as tokens arrive (decoding the whole suffix so multi-byte characters come out whole)."""
+def stream_text(tokens: Iterator, decode: Callable[[list[int]], str], write: Callable[[str], None]) -> dict:
+    """Write text as tokens arrive (decoding the whole suffix so multi-byte characters come out whole).
+
+    `tokens` yields token ids, or lists of them (a chunk decoded on the device per call).
+    The first two arrivals compile (prefill, then the decode step or chunk): the steady
+    rate counts the tokens after the second arrival over the time after it.
+    """
     ids: list[int] = []
     shown = ""
     start = time.perf_counter()
-    second_token_time = None  # the first decode step compiles; time steady decoding after it
-    for token in tokens:
-        ids.append(token)
-        if len(ids) == 2:
-            second_token_time = time.perf_counter()
+    arrivals, steady_start, steady_from = 0, None, 0
+    for item in tokens:
+        chunk = item if isinstance(item, list) else [item]
+        if not chunk:
+            continue
+        ids.extend(chunk)
+        arrivals += 1
+        if arrivals == 2:
+            steady_start, steady_from = time.perf_counter(), len(ids)
         text = decode(ids)
         if not text.endswith("\ufffd"):
             write(text[len(shown):])
@@ -144,10 +153,11 @@ def stream_text(tokens: Iterator[int], decode: Callable[[list[int]], str], write
     text = decode(ids)
     if len(text) > len(shown):
         write(text[len(shown):])
-    steady = end - (second_token_time or end)
+    steady_tokens = len(ids) - steady_from
+    steady = end - steady_start if steady_start is not None else 0.0
     return {
         "tokens": len(ids),
         "seconds": end - start,
-        "tokens_per_sec": (len(ids) - 2) / steady if len(ids) > 2 and steady > 0 else 0.0,
+        "tokens_per_sec": steady_tokens / steady if steady_tokens > 0 and steady > 0 else 0.0,
         "text": text,
     }

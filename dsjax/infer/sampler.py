@@ -18,6 +18,7 @@ step-by-step sampler (`generate.generate_tokens`) token for token.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -124,11 +125,12 @@ def _cache_length(c: ModelConfig, longest_prompt: int, max_new: int) -> int:
 
 
 def sample_chunks(
-    params, c: ModelConfig, prompts: list[list[int]], s: SamplingConfig, eos_id: int | None = None, chunk: int = 32
+    params, c: ModelConfig, prompts: list[list[int]], s: SamplingConfig, eos_id: int | None = None, chunk: int = 32,
+    seeds: list[int] | None = None,
 ):
     """Yields, after each compiled chunk, the [B, max_new_tokens] tokens so far (-1 = none yet) and counts.
 
-    Stops when every row is done. Row r samples with seed s.seed + r.
+    Stops when every row is done. Row r samples with seeds[r], by default s.seed + r.
     """
     s.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -144,8 +146,13 @@ def sample_chunks(
     for r, p in enumerate(prompts):
         prompts_BP[r, : len(p)] = p
     prompt_len_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    key_data_B = jnp.stack([jax.random.key_data(jax.random.key(s.seed + r)) for r in range(B)])
-    prefill, decode_chunk = _programs(c, s, -1 if eos_id is None else int(eos_id), max_len, chunk)
+    if seeds is None:
+        seeds = [s.seed + r for r in range(B)]
+    if len(seeds) != B:
+        raise SamplingError(f"{len(seeds)} seeds for {B} prompts")
+    key_data_B = jnp.stack([jax.random.key_data(jax.random.key(seed)) for seed in seeds])
+    # the programs do not depend on the seed (keys are inputs): one compile serves every seed
+    prefill, decode_chunk = _programs(c, dataclasses.replace(s, seed=0), -1 if eos_id is None else int(eos_id), max_len, chunk)
     prompts_BP = jnp.asarray(prompts_BP)
     state = prefill(params, prompts_BP, prompt_len_B, key_data_B, shortest)
     while True:
@@ -157,19 +164,21 @@ def sample_chunks(
 
 
 def sample_batch(
-    params, c: ModelConfig, prompts: list[list[int]], s: SamplingConfig, eos_id: int | None = None, chunk: int = 1 << 20
+    params, c: ModelConfig, prompts: list[list[int]], s: SamplingConfig, eos_id: int | None = None,
+    chunk: int = 1 << 20, seeds: list[int] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (EOS not included), decoded on device in as few calls as `chunk` allows."""
     out, counts = None, None
-    for out, counts in sample_chunks(params, c, prompts, s, eos_id, chunk):
+    for out, counts in sample_chunks(params, c, prompts, s, eos_id, chunk, seeds):
         pass
     return [list(map(int, out[r, : counts[r]])) for r in range(len(prompts))]
 
 
 def stream_tokens(params, c: ModelConfig, prompt_ids: list[int], s: SamplingConfig, eos_id: int | None = None, chunk: int = 16):
-    """One prompt, yielding new token ids as each compiled chunk finishes (for `dsjax generate`)."""
+    """One prompt, yielding each compiled chunk's new token ids as a list (for `dsjax generate`)."""
     shown = 0
     for out, counts in sample_chunks(params, c, [prompt_ids], s, eos_id, chunk):
-        for token in out[0, shown : counts[0]]:
-            yield int(token)
+        new = [int(t) for t in out[0, shown : counts[0]]]
         shown = int(counts[0])
+        if new:
+            yield new
