@@ -12,7 +12,7 @@ from dsjax.cli import main
 from dsjax.config import load_config
 from dsjax.train.metrics import METRIC_COLUMNS
 from dsjax.train.optimizer import decay_mask, lr_schedule
-from dsjax.train.step import accumulated_gradients, init_state, make_train_step
+from dsjax.train.step import accumulated_gradients, init_state
 
 
 def run_cli(*args) -> int:
