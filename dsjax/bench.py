@@ -225,6 +225,58 @@ def run_case(case: Case, steps: int, warmup: int, device_count: int | None, peak
     }
 
 
+def run_case_mlx(case: Case, steps: int, warmup: int, peak_override: float | None) -> dict:
+    """The same measurement for the MLX backend (`MLXTrainer`, one device; its step returns host floats)."""
+    import jax
+
+    from dsjax.mlx_backend import require_mlx
+
+    require_mlx()
+    from dsjax.mlx_backend.train import MLXTrainer
+    from dsjax.model import init
+
+    config = case.config
+    t, c = config.training, config.model
+    params = jax.device_get(init(c, jax.random.key(t.seed)))
+    rng = np.random.default_rng(t.seed)
+    shape_ABT1 = (t.gradient_accumulation_steps, t.batch_size, t.seq_len + 1)
+    batches = [rng.integers(0, c.vocab_size, shape_ABT1, dtype=np.int32) for _ in range(min(4, steps + warmup + 1))]
+    trainer = MLXTrainer(config, params)
+    start = time.perf_counter()
+    trainer.train_step(batches[0])  # MLX traces and compiles lazily: the first step carries it
+    first_step_sec = time.perf_counter() - start
+    for i in range(warmup):
+        trainer.train_step(batches[(i + 1) % len(batches)])
+    times = []
+    for i in range(steps):
+        begin = time.perf_counter()
+        metrics = trainer.train_step(batches[i % len(batches)])
+        times.append(time.perf_counter() - begin)
+    tokens_per_step = t.gradient_accumulation_steps * t.batch_size * t.seq_len
+    median = statistics.median(times)
+    flops_token = train_flops_per_token(c, t.seq_len)
+    peak = peak_tflops_override = peak_override
+    achieved = flops_token * tokens_per_step / median
+    return {
+        "case": case.label + " backend=mlx", "model_size": case.model_size, "backend": "mlx",
+        "moe_impl": "mlx", "attention_impl": "mlx", "remat": "none",
+        "batch_size": t.batch_size, "grad_accum": t.gradient_accumulation_steps, "seq_len": t.seq_len,
+        "mesh": "1 device", "devices": 1,
+        "compile_sec": round(first_step_sec - median, 3),  # first step minus a steady one
+        "step_ms_median": round(1e3 * median, 3),
+        "step_ms_p10": round(1e3 * float(np.percentile(times, 10)), 3),
+        "step_ms_p90": round(1e3 * float(np.percentile(times, 90)), 3),
+        "steps_per_sec": round(1.0 / median, 3),
+        "tokens_per_sec": round(tokens_per_step / median, 1),
+        "flops_per_token": flops_token,
+        "model_tflops_per_sec": round(achieved / 1e12, 3),
+        "peak_tflops_per_device": peak_tflops_override,
+        "mfu": round(achieved / (peak * 1e12), 4) if peak else None,
+        "peak_memory_gib": None, "compiled_memory_gib": None,
+        "loss": float(metrics["loss"]), "steps": steps, "warmup": warmup,
+    }
+
+
 def _gib(n: int | None) -> float | None:
     return None if n is None else round(n / 2**30, 3)
 

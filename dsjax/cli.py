@@ -527,7 +527,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         }
         cases.append(bench.Case(size, load_config(size, args.config, overrides)))  # every case validated up front
     if args.backend == "mlx":
-        raise UsageError("dsjax bench --backend mlx: not supported yet; tests/bench_backends.py times MLX against JAX on CPU")
+        from dsjax.mlx_backend import require_mlx
+
+        require_mlx()
+        d = cases[0].config.distributed
+        if (args.gpus or 1) > 1 or any(getattr(d, f"{a}_size") not in (1, -1) for a in ("pp", "tp", "ep", "sp", "dp")):
+            raise UsageError("dsjax bench --backend mlx runs on one device; drop the mesh flags")
+        if moes or attns or remats:
+            raise UsageError("--moe, --attention and --remat pick JAX compute paths; drop them with --backend mlx")
     total = args.gpus
     if total is None:
         d = cases[0].config.distributed
@@ -536,10 +543,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if total and total > 1:
         ensure_host_devices(total)
     env = bench.environment()
+    if args.backend == "mlx":
+        import mlx.core as mx
+
+        env.update(device=f"mlx {mx.default_device()}", platform="mlx", device_count=1)
     rows = []
     for case in cases:
         try:
-            row = bench.run_case(case, args.steps, args.warmup, args.gpus, args.peak_tflops)
+            if args.backend == "mlx":
+                row = bench.run_case_mlx(case, args.steps, args.warmup, args.peak_tflops)
+            else:
+                row = bench.run_case(case, args.steps, args.warmup, args.gpus, args.peak_tflops)
         except Exception as err:  # noqa: BLE001 - one failing case must not hide the others
             if not args.keep_going:
                 raise

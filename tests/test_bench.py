@@ -58,3 +58,5 @@ def test_bench_rejects_bad_lists(capsys):
     assert "--moe: unknown path 'fast'" in capsys.readouterr().err
     assert main(["bench", "--model-size", "huge"]) == 2
     assert main(["bench", "--seq-len", "abc"]) == 2
+    assert main(["bench", "--backend", "mlx", "--moe", "dense"]) == 2
+    assert "pick JAX compute paths" in capsys.readouterr().err
