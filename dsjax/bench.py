@@ -191,14 +191,18 @@ def run_case(case: Case, steps: int, warmup: int, device_count: int | None, peak
 
     device = jax.devices()[0]
     tokens_per_step = t.gradient_accumulation_steps * t.batch_size * t.seq_len
+    moe_path, attention_path = _resolved_paths(c, t.batch_size * t.seq_len, mesh)
     median = statistics.median(times)
     flops_token = train_flops_per_token(c, t.seq_len)
     achieved = flops_token * tokens_per_step / median
     peak = peak_tflops(device.device_kind, peak_override)
     n_devices = shape.devices
     return {
-        "case": case.label,
+        "case": case.label.replace(f"moe={c.moe_impl}", f"moe={c.moe_impl}({moe_path})" if c.moe_impl == "auto" else f"moe={c.moe_impl}")
+        .replace(f"attn={c.attention_impl}", f"attn={c.attention_impl}({attention_path})" if c.attention_impl == "auto" else f"attn={c.attention_impl}"),
         "model_size": case.model_size,
+        "moe_path": moe_path,
+        "attention_path": attention_path,
         "moe_impl": c.moe_impl,
         "attention_impl": c.attention_impl,
         "remat": c.remat,
@@ -277,6 +281,21 @@ def run_case_mlx(case: Case, steps: int, warmup: int, peak_override: float | Non
     }
 
 
+def _resolved_paths(c: ModelConfig, tokens: int, mesh) -> tuple[str, str]:
+    """What `auto` (or an explicit choice) resolves to for this case's shapes and mesh."""
+    import jax
+
+    from dsjax.model.moe import resolve_impl as moe_impl
+    from kernels_pallas.attention import resolve_impl as attention_impl
+
+    if mesh is not None:
+        with jax.set_mesh(mesh):
+            moe = moe_impl(c.moe_impl, c, tokens)
+    else:
+        moe = moe_impl(c.moe_impl, c, tokens)
+    return moe, attention_impl(c.attention_impl)
+
+
 def _gib(n: int | None) -> float | None:
     return None if n is None else round(n / 2**30, 3)
 
@@ -306,20 +325,26 @@ def environment() -> dict[str, Any]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| case | compile s | ms/step (p10-p90) | steps/s | tokens/s | TFLOP/s | MFU | peak GiB |"
+    head = "| case | compile s | ms/step (p10-p90) | steps/s | tokens/s | TFLOP/s | MFU | memory GiB |"
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['case']} | error: {r['error']} |||||||")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        mem = r["peak_memory_gib"] if r["peak_memory_gib"] is not None else r["compiled_memory_gib"]
+        mem = r["peak_memory_gib"]
+        mem = f"{mem:.2f}" if mem is not None else (
+            f"{r['compiled_memory_gib']:.2f}*" if r.get("compiled_memory_gib") is not None else None
+        )
         lines.append(
             f"| {r['case']} | {r['compile_sec']:.1f} | {r['step_ms_median']:.2f} "
             f"({r['step_ms_p10']:.2f}-{r['step_ms_p90']:.2f}) | {r['steps_per_sec']:.1f} | "
             f"{r['tokens_per_sec']:,.0f} | {r['model_tflops_per_sec']:.1f} | {mfu} | "
-            f"{'-' if mem is None else f'{mem:.2f}'} |"
+            f"{'-' if mem is None else mem} |"
         )
+    if any(r.get("peak_memory_gib") is None and r.get("compiled_memory_gib") is not None for r in rows):
+        lines.append("\nmemory: the device's peak in use; * = the compiled step's arguments + outputs + "
+                     "temporaries, where the device reports no peak (CPU)")
     return "\n".join(lines)
 
 

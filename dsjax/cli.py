@@ -288,8 +288,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         if must_download:
             from dsjax.data.download import download_from_hub
 
+            from dsjax.data.download import DownloadError
+
             log.info("data_prep: downloading TinyStories into %s", data_dir)
-            download_from_hub(data_dir)
+            try:
+                download_from_hub(data_dir)
+            except DownloadError as err:
+                # `run` has no --from: point at what it does have
+                message = str(err).split("; pass local files with --from")[0]
+                raise DownloadError(
+                    f"{message}; offline, make a data folder with `dsjax download --out DIR --from PATH` "
+                    f"(or use the committed sample tests/data/tinystories) and pass --data-dir DIR"
+                ) from None
         else:
             log.info("data_prep: %s already holds train/ and valid/; not downloading", data_dir)
     if "pretrain" in stages:
@@ -393,7 +403,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         try:
             prompts = [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as err:
-            raise UsageError(f"--prompts-file {args.prompts_file}: {type(err).__name__}: {err}") from None
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise UsageError(f"--prompts-file {args.prompts_file}: cannot read it ({reason})") from None
         if not prompts:
             raise UsageError(f"--prompts-file {args.prompts_file} holds no prompt (one per line)")
     else:
@@ -440,7 +451,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()
     print(
-        f"[{stats['tokens']} tokens in {stats['seconds']:.2f}s, {stats['tokens_per_sec']:.1f} tokens/s after compile]",
+        f"[{stats['tokens']} tokens in {stats['seconds']:.2f}s with compilation; {stats['tokens_per_sec']:.1f} tokens/s after it]",
         file=sys.stderr,
     )
     return 0
@@ -463,8 +474,8 @@ def _generate_batch(params, config, tokenizer, prompts_ids, sampling, num_sample
         sys.stdout.write(tokenizer.decode(ids + out) + "\n")
     sys.stdout.flush()
     total = sum(map(len, outputs))
-    print(f"[{len(rows)} samples, {total} tokens in {seconds:.2f}s (compile included), "
-          f"{total / seconds:.1f} tokens/s]", file=sys.stderr)
+    print(f"[{len(rows)} samples, {total} tokens in {seconds:.2f}s with compilation; "
+          f"{total / seconds:.1f} tokens/s including it]", file=sys.stderr)
     return 0
 
 
@@ -535,11 +546,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError("dsjax bench --backend mlx runs on one device; drop the mesh flags")
         if moes or attns or remats:
             raise UsageError("--moe, --attention and --remat pick JAX compute paths; drop them with --backend mlx")
-    total = args.gpus
-    if total is None:
-        d = cases[0].config.distributed
-        sizes_ = [d.pp_size, d.dp_size, d.tp_size, d.ep_size, d.sp_size]
-        total = None if -1 in sizes_ else math.prod(sizes_)
+    total = requested_devices(cases[0].config, args.gpus)  # -1 counts as 1, as for `dsjax run`
     if total and total > 1:
         ensure_host_devices(total)
     env = bench.environment()
@@ -604,14 +611,14 @@ data:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="dsjax",
+        allow_abbrev=False,
         description="Train small DeepSeek-V3-style models (MLA, DeepSeekMoE, MTP) on TinyStories with JAX.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser(
-        "run", help="run pipeline stages (data_prep, pretrain)", epilog=RUN_EPILOG + "\n\n" + EXIT_CODES,
+    run = sub.add_parser("run", allow_abbrev=False, help="run pipeline stages (data_prep, pretrain)", epilog=RUN_EPILOG + "\n\n" + EXIT_CODES,
         description="Run pipeline stages.", formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--backend", choices=BACKENDS, default="jax")
@@ -676,8 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--process-id", type=int)
     run.set_defaults(func=cmd_run)
 
-    download = sub.add_parser(
-        "download", help="fetch TinyStories (or convert local files) into train/ + valid/ JSONL",
+    download = sub.add_parser("download", allow_abbrev=False, help="fetch TinyStories (or convert local files) into train/ + valid/ JSONL",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     download.add_argument("--out", default="data/stories", help="output folder (default data/stories)")
@@ -686,8 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--version", choices=("v1", "v2"), default="v1", help="v1 (default) or v2 (GPT-4 only)")
     download.set_defaults(func=cmd_download)
 
-    gen = sub.add_parser(
-        "generate", help="continue a prompt with a trained checkpoint",
+    gen = sub.add_parser("generate", allow_abbrev=False, help="continue a prompt with a trained checkpoint",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gen.add_argument("--checkpoint", required=True, help="a final/ folder, e.g. checkpoints/nano/final")
@@ -704,14 +709,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one prompt per line instead of --prompt; every prompt x --num-samples in one batch")
     gen.set_defaults(func=cmd_generate)
 
-    ckpts = sub.add_parser("checkpoints", help="inspect a run's checkpoints")
+    ckpts = sub.add_parser("checkpoints", allow_abbrev=False, help="inspect a run's checkpoints")
     ckpts_sub = ckpts.add_subparsers(dest="checkpoints_command", metavar="ACTION", required=True)
-    ls = ckpts_sub.add_parser("ls", help="list steps, sizes, val loss and completeness")
+    ls = ckpts_sub.add_parser("ls", allow_abbrev=False, help="list steps, sizes, val loss and completeness")
     ls.add_argument("run_dir", help="e.g. checkpoints/nano")
     ls.set_defaults(func=cmd_checkpoints_ls)
 
-    bn = sub.add_parser(
-        "bench", help="time the train step on synthetic tokens: compile, ms/step, tokens/s, MFU, memory",
+    bn = sub.add_parser("bench", allow_abbrev=False, help="time the train step on synthetic tokens: compile, ms/step, tokens/s, MFU, memory",
         description="Time the train step on synthetic tokens. Comma lists (e.g. --moe dense,pallas) run every "
         "combination as a case. FLOPs per token = 6 x matmul parameters touched (routed experts at top-k, MTP "
         "and its head included, embedding lookup excluded) + causal attention; see dsjax/bench.py.",
@@ -719,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--model-size", default="nano", help="size preset(s), comma list (default nano)")
     bn.add_argument("--config", metavar="FILE", help="JSON config layered over the size preset")
     bn.add_argument("--backend", choices=BACKENDS, default="jax")
-    bn.add_argument("--moe", help="MoE path(s): auto,dense,ragged,pallas (comma list)")
+    bn.add_argument("--moe", help="MoE path(s): auto,dense,ragged,blocked,pallas (comma list)")
     bn.add_argument("--attention", help="attention path(s): auto,xla,cudnn,pallas (comma list)")
     bn.add_argument("--remat", help="rematerialisation policy(ies): none,full,save_dots (model.remat; comma list)")
     bn.add_argument("--batch-size", help="sequences per micro-batch (comma list)")
@@ -737,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
         bmesh.add_argument(f"--{axis}-size", type=int)
     bn.set_defaults(func=cmd_bench)
 
-    info = sub.add_parser("info", help="show the resolved config's parameter counts")
+    info = sub.add_parser("info", allow_abbrev=False, help="show the resolved config's parameter counts")
     _add_config_flags(info)
     info.add_argument("--json", action="store_true", help="print the resolved config and counts as JSON")
     info.set_defaults(func=cmd_info)

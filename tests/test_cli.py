@@ -28,13 +28,22 @@ def test_help_works_as_console_script_and_module():
         (["run", "--stages", "pretrain", "--data-dir", "/nonexistent/x"], "data folder /nonexistent/x does not exist"),
         (["run", "--max-steps", "0", "--stages", "pretrain"], "training.max_steps: must be > 0, got 0"),
         (["run", "--seq-len", "4096"], "training.seq_len: 4096 exceeds model.max_position_embeddings=1024"),
-        (["generate", "--checkpoint", "/nonexistent/final"], "is not a dsjax final/ checkpoint"),
         (["download", "--from", "/nonexistent/file.txt", "--out", "/nonexistent/out"], "no such file or folder"),
     ],
 )
 def test_bad_input_gets_a_clear_error(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_a_checkpoint_error(capsys):
+    assert main(["generate", "--checkpoint", "/nonexistent/final"]) == 4
+    assert "/nonexistent/final does not exist; pass a final/ folder" in capsys.readouterr().err
+
+
+def test_flag_abbreviations_are_refused(capsys):
+    assert main(["run", "--max-step", "10"]) == 2  # not silently taken as --max-steps
+    assert "--max-step" in capsys.readouterr().err
 
 
 def test_bad_config_file(tmp_path, capsys):
@@ -45,7 +54,7 @@ def test_bad_config_file(tmp_path, capsys):
 
 
 def test_unknown_flag_is_one_line_and_exit_code_2(capsys):
-    assert main(["run", "--max-step", "3", "--bogus"]) == 2
+    assert main(["run", "--max-steps", "3", "--bogus"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unrecognized arguments: --bogus" in err
 

@@ -68,7 +68,9 @@ def check_data_dir(data_dir: Path, may_download: bool) -> bool:
         raise DataError(f"data folder {data_dir} does not exist; make it with {make_command(data_dir)}")
     raise DataError(
         f"data folder {data_dir} is missing {' and '.join(str(m) for m in missing)} "
-        f"(it needs train/{STORIES_FILE} and valid/{STORIES_FILE}); make it with {make_command(data_dir)}"
+        f"(it needs train/{STORIES_FILE} and valid/{STORIES_FILE}); add the missing file, or make a complete "
+        f"folder with `dsjax download --out NEW_DIR [--from PATH]` (it never writes into a folder that holds "
+        f"stories) and pass --data-dir NEW_DIR"
     )
 
 

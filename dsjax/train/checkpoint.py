@@ -308,7 +308,9 @@ def read_final_config(final_dir: Path) -> Config:
     """The config of a final/ folder, after checking the folder is one (no arrays are read)."""
     final_dir = Path(final_dir).absolute()
     if not final_dir.is_dir():
-        raise FileNotFoundError(f"{final_dir} is not a dsjax final/ checkpoint (no such folder)")
+        raise CheckpointError(f"{final_dir} does not exist; pass a final/ folder such as checkpoints/<run>/final")
+    if (final_dir / FINAL).is_dir():
+        raise CheckpointError(f"{final_dir} is a run folder; pass its final/ checkpoint: {final_dir / FINAL}")
     if step_number(final_dir) is not None and (final_dir.parent / FINAL).is_dir():
         raise CheckpointError(
             f"{final_dir} is a training checkpoint; generate reads a final/ folder such as {final_dir.parent / FINAL}"
@@ -316,8 +318,8 @@ def read_final_config(final_dir: Path) -> Config:
     missing = [name for name in ("config.json", "params", "tokenizer.model") if not (final_dir / name).exists()]
     if missing:
         raise CheckpointError(
-            f"{final_dir} is not a dsjax final/ checkpoint (missing {', '.join(missing)}; it needs config.json, params/ "
-            "and tokenizer.model, as `dsjax run` writes to checkpoints/<run>/final)"
+            f"{final_dir} is not a dsjax final/ checkpoint (missing {', '.join(missing)}); "
+            "`dsjax run` writes one to checkpoints/<run>/final"
         )
     return load_config_json(final_dir / "config.json")
 
