@@ -192,9 +192,7 @@ def run_case(case: Case, steps: int, warmup: int, device_count: int | None, peak
     device = jax.devices()[0]
     tokens_per_step = t.gradient_accumulation_steps * t.batch_size * t.seq_len
     moe_path, attention_path = _resolved_paths(c, t.batch_size * t.seq_len, mesh)
-    median = statistics.median(times)
     flops_token = train_flops_per_token(c, t.seq_len)
-    achieved = flops_token * tokens_per_step / median
     peak = peak_tflops(device.device_kind, peak_override)
     n_devices = shape.devices
     return {
@@ -212,15 +210,7 @@ def run_case(case: Case, steps: int, warmup: int, device_count: int | None, peak
         "mesh": str(shape),
         "devices": n_devices,
         "compile_sec": round(compile_sec, 3),
-        "step_ms_median": round(1e3 * median, 3),
-        "step_ms_p10": round(1e3 * float(np.percentile(times, 10)), 3),
-        "step_ms_p90": round(1e3 * float(np.percentile(times, 90)), 3),
-        "steps_per_sec": round(1.0 / median, 3),
-        "tokens_per_sec": round(tokens_per_step / median, 1),
-        "flops_per_token": flops_token,
-        "model_tflops_per_sec": round(achieved / 1e12, 3),
-        "peak_tflops_per_device": peak,
-        "mfu": round(achieved / (peak * 1e12 * n_devices), 4) if peak else None,
+        **timing_fields(times, tokens_per_step, flops_token, peak, n_devices),
         "peak_memory_gib": _gib(_peak_memory_bytes(device)),
         "compiled_memory_gib": _gib(_compiled_memory_bytes(compiled)),
         "loss": loss,
@@ -259,14 +249,23 @@ def run_case_mlx(case: Case, steps: int, warmup: int, peak_override: float | Non
     tokens_per_step = t.gradient_accumulation_steps * t.batch_size * t.seq_len
     median = statistics.median(times)
     flops_token = train_flops_per_token(c, t.seq_len)
-    peak = peak_tflops_override = peak_override
-    achieved = flops_token * tokens_per_step / median
     return {
         "case": case.label + " backend=mlx", "model_size": case.model_size, "backend": "mlx",
         "moe_impl": "mlx", "attention_impl": "mlx", "remat": "none",
         "batch_size": t.batch_size, "grad_accum": t.gradient_accumulation_steps, "seq_len": t.seq_len,
         "mesh": "1 device", "devices": 1,
         "compile_sec": round(first_step_sec - median, 3),  # first step minus a steady one
+        **timing_fields(times, tokens_per_step, flops_token, peak_override, 1),
+        "peak_memory_gib": None, "compiled_memory_gib": None,
+        "loss": float(metrics["loss"]), "steps": steps, "warmup": warmup,
+    }
+
+
+def timing_fields(times: list[float], tokens_per_step: int, flops_token: float, peak: float | None, devices: int) -> dict:
+    """Step-time statistics, throughput and MFU of one case (MFU over all its devices' peak)."""
+    median = statistics.median(times)
+    achieved = flops_token * tokens_per_step / median
+    return {
         "step_ms_median": round(1e3 * median, 3),
         "step_ms_p10": round(1e3 * float(np.percentile(times, 10)), 3),
         "step_ms_p90": round(1e3 * float(np.percentile(times, 90)), 3),
@@ -274,10 +273,8 @@ def run_case_mlx(case: Case, steps: int, warmup: int, peak_override: float | Non
         "tokens_per_sec": round(tokens_per_step / median, 1),
         "flops_per_token": flops_token,
         "model_tflops_per_sec": round(achieved / 1e12, 3),
-        "peak_tflops_per_device": peak_tflops_override,
-        "mfu": round(achieved / (peak * 1e12), 4) if peak else None,
-        "peak_memory_gib": None, "compiled_memory_gib": None,
-        "loss": float(metrics["loss"]), "steps": steps, "warmup": warmup,
+        "peak_tflops_per_device": peak,
+        "mfu": round(achieved / (peak * 1e12 * devices), 4) if peak else None,
     }
 
 
