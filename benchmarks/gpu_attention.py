@@ -19,17 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py beside this script
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from timing import median_ms  # noqa: E402
 from dsjax.config import load_config  # noqa: E402
 from kernels_pallas.attention import attention_reference, cudnn_attention, flash_attention  # noqa: E402
 
@@ -90,19 +91,6 @@ def jitted(fn, scale: float, mode: str):
     return jax.jit(lambda q, k, v, do: jax.vjp(lambda q, k, v: fn(q, k, v, scale), q, k, v)[1](do))
 
 
-def time_ms(fn, sets, reps: int, budget_s: float) -> float:
-    """Median ms of device-synchronised calls after two warm-ups (compile included in the first)."""
-    for i in range(2):
-        jax.block_until_ready(fn(*sets[i % len(sets)]))
-    times, start = [], time.perf_counter()
-    while len(times) < reps and (len(times) < 3 or time.perf_counter() - start < budget_s):
-        args = sets[len(times) % len(sets)]
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def compiled(fn, args):
     """(the compiled function, its temporary memory in MiB or None): compiled once, timed as is."""
     exe = fn.lower(*args).compile()
@@ -152,7 +140,7 @@ def sweep(args, dtype) -> list[dict]:
             row = dict(c, dq=dq, dkv=dkv)
             try:
                 f, _ = compiled(jitted(fn, 96 ** -0.5, "fwd_bwd"), sets[0])
-                row["ms"] = round(time_ms(f, sets, args.reps, args.budget_s), 4)
+                row["ms"] = round(median_ms(f, sets, args.reps, args.budget_s), 4)
                 print(f"sweep T{T} dq{dq} dkv{dkv}: {row['ms']:.3f} ms fwd+bwd", flush=True)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:500]
@@ -208,7 +196,7 @@ def main() -> None:
                 try:
                     f, temp = compiled(jitted(fn, scale, mode), sets[0])
                     executables[mode, path] = f
-                    ms = time_ms(f, sets, args.reps, args.budget_s)
+                    ms = median_ms(f, sets, args.reps, args.budget_s)
                     ms_by[path] = ms
                     row.update(ms=round(ms, 4), temp_mib=temp,
                                speedup_vs_xla=round(ms_by["xla"] / ms, 2) if "xla" in ms_by else None,

@@ -18,17 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py beside this script
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from timing import median_ms  # noqa: E402
 from dsjax.config import load_config  # noqa: E402
 from dsjax.model.moe import _experts_dense, _experts_ragged  # noqa: E402
 from kernels_pallas.moe import experts_pallas  # noqa: E402
@@ -97,7 +98,7 @@ def sweep(args, dtype) -> list[dict]:
             fn = fwd_bwd(functools.partial(experts_pallas, block_m=block_m, max_k=max_k, max_n=max_n))
             row = dict(s, block_m=block_m, max_k=max_k, max_n=max_n)
             try:
-                ms = time_path(fn, sets, args.reps, args.budget_s)
+                ms = median_ms(fn, sets, args.reps, args.budget_s)
                 row.update(ms=round(ms, 3), useful_tflops=round(flops / (ms * 1e-3) / 1e12, 1))
                 print(f"sweep {s['name']} block_m={block_m} max_k={max_k} max_n={max_n}: {ms:.3f} ms "
                       f"{row['useful_tflops']} TFLOP/s", flush=True)
@@ -106,19 +107,6 @@ def sweep(args, dtype) -> list[dict]:
                 print(f"sweep {s['name']} {block_m}/{max_k}/{max_n}: FAILED {row['error'][:200]}", flush=True)
             rows.append(row)
     return rows
-
-
-def time_path(fn, sets, reps: int, budget_s: float) -> float:
-    """Median ms of device-synchronised calls after two warm-ups (compile included in the first)."""
-    for i in range(2):
-        jax.block_until_ready(fn(*sets[i % len(sets)]))
-    times, start = [], time.perf_counter()
-    while len(times) < reps and (len(times) < 3 or time.perf_counter() - start < budget_s):
-        args = sets[len(times) % len(sets)]
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def rel_err(a, b) -> float:
@@ -161,7 +149,7 @@ def main() -> None:
         for path, fn in PATHS.items():
             row = dict(s, path=path)
             try:
-                ms = time_path(fn, sets, args.reps, args.budget_s)
+                ms = median_ms(fn, sets, args.reps, args.budget_s)
                 tflops = flops / (ms * 1e-3) / 1e12
                 dense_ms = ms if path == "dense" else dense_ms
                 row.update(ms=round(ms, 3), useful_tflops=round(tflops, 1),
