@@ -2,10 +2,12 @@
 
 Byte fallback (no unknown tokens), split digits, identity normalisation and no
 whitespace collapsing, so `decode(encode(text)) == text` for any text. Ids:
-0 = <unk>, 1 = <s> (BOS), 2 = </s> (EOS), 3 = <pad>.
+0 = <unk>, 1 = <s> (BOS), 2 = </s> (EOS), 3 = <pad>, then the chat template's
+special tokens (CHAT_TOKENS, ids 4..6), reserved when the tokenizer is trained so a
+pretrained checkpoint can be fine-tuned on chat data with no vocabulary change.
 
 Tokenizers live under the working folder, keyed by the train data's hash and the
-vocab size (`<work_dir>/tokenizers/sp<V>-<hash>/tokenizer.model`), never in the
+vocab size (`<work_dir>/tokenizers/sp<V>-v2-<hash>/tokenizer.model`), never in the
 input data folder, which may be read-only or shared.
 """
 
@@ -26,6 +28,10 @@ from dsjax.data.layout import file_digest
 log = logging.getLogger(__name__)
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# user-defined pieces: SentencePiece never splits them and plain story text never produces them
+CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")
+# bumped when training options change, so a cached tokenizer of the old kind is not reused
+TOKENIZER_VERSION = "v2"
 TOKENIZER_FILE = "tokenizer.model"
 # enough text for a 32k vocabulary; the full TinyStories train split is ~1.9 GB
 MAX_TRAINING_CHARS = 200_000_000
@@ -82,7 +88,7 @@ class Tokenizer:
 
 
 def tokenizer_dir(work_dir: Path, train_file: Path, vocab_size: int) -> Path:
-    return Path(work_dir) / "tokenizers" / f"sp{vocab_size}-{file_digest(train_file)}"
+    return Path(work_dir) / "tokenizers" / f"sp{vocab_size}-{TOKENIZER_VERSION}-{file_digest(train_file)}"
 
 
 def train_tokenizer(train_file: Path, vocab_size: int, out_dir: Path) -> Path:
@@ -123,6 +129,7 @@ def train_tokenizer(train_file: Path, vocab_size: int, out_dir: Path) -> Path:
                 bos_id=BOS_ID,
                 eos_id=EOS_ID,
                 pad_id=PAD_ID,
+                user_defined_symbols=list(CHAT_TOKENS),
                 minloglevel=2,
             )
         except RuntimeError as err:
