@@ -137,7 +137,7 @@ def resolve_run_config(args: argparse.Namespace):
 
 def check_finite(config) -> None:
     """NaN and inf pass every `> 0` check (a JSON config may hold NaN); refuse them by key."""
-    for block in ("model", "training", "distributed"):
+    for block in ("model", "training", "distributed", "sft", "grpo", "distill"):
         for f in dataclasses.fields(getattr(config, block)):
             value = getattr(getattr(config, block), f.name)
             if isinstance(value, float) and not math.isfinite(value):

@@ -141,10 +141,59 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning: starts from the pretrain stage's final/; batch, seq_len, intervals from `training`."""
+
+    max_steps: int = 200
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    data: str = ""  # TinyStoriesInstruct-format file (Words:/Features:/Summary:/Story:); empty = made from the stories
+    with_features: bool = True  # also ask for a feature the story has (dialogue, a happy or sad ending)
+    lora_rank: int = 0  # 0 = full fine-tuning; R > 0 = rank-R adapters on attention and expert projections
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Group-relative policy optimisation from the SFT stage's final/ (DeepSeekMath's GRPO)."""
+
+    max_steps: int = 60
+    learning_rate: float = 2e-4
+    warmup_steps: int = 0
+    prompts_per_step: int = 8
+    group_size: int = 8  # G samples per prompt
+    max_new_tokens: int = 160
+    temperature: float = 1.0
+    epsilon: float = 0.2  # clip range of the probability ratio
+    epsilon_high: float = 0.0  # upper clip (DAPO's clip-higher); 0 = same as epsilon
+    updates_per_batch: int = 1  # mu: optimizer steps on each sampled batch
+    beta: float = 0.04  # weight of the k3 KL to the frozen SFT reference
+    loss_aggregation: str = "grpo"  # grpo | dr_grpo | dapo
+    coverage_weight: float = 1.0
+    ending_weight: float = 0.5
+    length_weight: float = 0.5
+    repetition_weight: float = 0.5
+    min_words: int = 40  # length window (words) of a full reward
+    max_words: int = 180
+    eval_interval: int = 20
+    eval_prompts: int = 64
+    samples_per_eval: int = 4  # completions written to samples.jsonl at each eval
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = ""  # a final/ folder; required by the distill stage
+    temperature: float = 2.0
+    alpha: float = 0.5  # loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -192,12 +241,16 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.rope_scaling.type": ("yarn",),
     "training.lr_schedule": ("cosine", "wsd", "constant"),
     "distributed.ep_dispatch": ("mask", "all_to_all"),
+    "grpo.loss_aggregation": ("grpo", "dr_grpo", "dapo"),
 }
 
 _BLOCKS: dict[str, type] = {
     "model": ModelConfig,
     "training": TrainingConfig,
     "distributed": DistributedConfig,
+    "sft": SFTConfig,
+    "grpo": GRPOConfig,
+    "distill": DistillConfig,
 }
 _BLOCK_ALIASES = {"parallelism": "distributed"}
 
@@ -400,6 +453,56 @@ def validate(config: Config) -> None:
         value = getattr(d, f.name)
         if isinstance(value, int) and (value == 0 or value < -1):
             raise ConfigError(f"distributed.{f.name}: must be >= 1 (or -1 to infer), got {value}")
+    _validate_post_training(config)
+
+
+def _validate_post_training(config: Config) -> None:
+    s, g, k = config.sft, config.grpo, config.distill
+    positive = {
+        "sft.max_steps": s.max_steps,
+        "sft.learning_rate": s.learning_rate,
+        "grpo.max_steps": g.max_steps,
+        "grpo.learning_rate": g.learning_rate,
+        "grpo.prompts_per_step": g.prompts_per_step,
+        "grpo.max_new_tokens": g.max_new_tokens,
+        "grpo.temperature": g.temperature,
+        "grpo.epsilon": g.epsilon,
+        "grpo.updates_per_batch": g.updates_per_batch,
+        "grpo.max_words": g.max_words,
+        "grpo.eval_interval": g.eval_interval,
+        "grpo.eval_prompts": g.eval_prompts,
+        "distill.temperature": k.temperature,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    non_negative = {
+        "sft.warmup_steps": s.warmup_steps,
+        "sft.lora_rank": s.lora_rank,
+        "grpo.warmup_steps": g.warmup_steps,
+        "grpo.epsilon_high": g.epsilon_high,
+        "grpo.beta": g.beta,
+        "grpo.coverage_weight": g.coverage_weight,
+        "grpo.ending_weight": g.ending_weight,
+        "grpo.length_weight": g.length_weight,
+        "grpo.repetition_weight": g.repetition_weight,
+        "grpo.min_words": g.min_words,
+        "grpo.samples_per_eval": g.samples_per_eval,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if g.group_size < 2:
+        raise ConfigError(f"grpo.group_size: advantages are relative to the group, so it needs >= 2 samples, got {g.group_size}")
+    if g.min_words > g.max_words:
+        raise ConfigError(f"grpo.min_words: {g.min_words} exceeds grpo.max_words={g.max_words}")
+    if g.max_new_tokens >= config.model.max_position_embeddings:
+        raise ConfigError(
+            f"grpo.max_new_tokens: {g.max_new_tokens} leaves no room for a prompt within "
+            f"model.max_position_embeddings={config.model.max_position_embeddings}"
+        )
+    if not 0.0 <= k.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha: must be in [0, 1], got {k.alpha}")
 
 
 def load_json(path: str | Path) -> dict[str, Any]:

@@ -299,7 +299,7 @@ def load_config_json(path: Path) -> Config:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} holds no config object")
     try:
-        return config_from_dict({k: raw.get(k, {}) for k in ("model", "training", "distributed")})
+        return config_from_dict({k: raw.get(k, {}) for k in ("model", "training", "distributed", "sft", "grpo", "distill")})
     except ConfigError as err:
         raise CheckpointError(f"{path}: {err}") from None
 

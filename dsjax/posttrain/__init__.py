@@ -1,0 +1,1 @@
+"""Post-training: instruction data, the chat template, SFT, GRPO rewards and loss, evaluation."""
