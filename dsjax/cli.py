@@ -4,6 +4,8 @@
     dsjax run       [--model-size nano|tiny|small|medium] [--config FILE] [--stages data_prep,pretrain] ...
     dsjax generate  --checkpoint checkpoints/<run>/final --prompt "Once upon a time"
     dsjax info      [--model-size ...] [--config FILE]
+    dsjax export    --checkpoint checkpoints/<run>/final --format gguf|hf --out PATH [--dtype f32|f16|bf16|q8_0]
+    dsjax import    --from-hf DIR | --from-gguf FILE --out checkpoints/<run>/final
     dsjax bench     [--model-size tiny,small] [--moe dense,pallas] [--attention xla,cudnn] [--json]
 
 Flags override the config file, which overrides the size preset. Every failure is
@@ -25,12 +27,14 @@ import sys
 from pathlib import Path
 
 from dsjax.config import MODEL_SIZES, ConfigError, load_config
+from dsjax.stages import TRAINING_STAGES, export_source, parse_stages, plan_stages
+from dsjax.stages import describe as describe_stages
 
 log = logging.getLogger("dsjax")
 
-STAGES = ("data_prep", "pretrain", "sft", "grpo", "export")
-AVAILABLE_STAGES = ("data_prep", "pretrain")
 BACKENDS = ("jax", "mlx")
+RUN_BACKENDS = (*BACKENDS, "modal")  # modal: `dsjax run` on Modal GPUs (launch/modal_h100.py)
+MODAL_FLAGS = ("nodes", "gpu_type", "timeout", "detach", "dry_run")  # flags only --backend modal takes
 
 # flag dest -> (config block, key)
 RUN_OVERRIDES = {
@@ -60,6 +64,13 @@ RUN_OVERRIDES = {
     "ep_dispatch": ("distributed", "ep_dispatch"),
     "moe": ("model", "moe_impl"),
     "attention": ("model", "attention_impl"),
+    "sft_data": ("sft", "data"),
+    "sft_steps": ("sft", "max_steps"),
+    "grpo_steps": ("grpo", "max_steps"),
+    "group_size": ("grpo", "group_size"),
+    "teacher": ("distill", "teacher"),
+    "distill_temperature": ("distill", "temperature"),
+    "distill_alpha": ("distill", "alpha"),
 }
 
 
@@ -106,22 +117,6 @@ def finite_float(text: str) -> float:
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-size", choices=MODEL_SIZES, default="nano", help="size preset, configs/<size>.json (default nano)")
     parser.add_argument("--config", metavar="FILE", help="JSON config layered over the size preset")
-
-
-def parse_stages(text: str) -> list[str]:
-    stages = [s.strip() for s in text.split(",") if s.strip()]
-    if not stages:
-        raise UsageError("--stages is empty; use e.g. data_prep,pretrain")
-    for stage in stages:
-        if stage not in STAGES:
-            close = difflib.get_close_matches(stage, STAGES, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UsageError(f"--stages: unknown stage '{stage}'{hint} (stages: {', '.join(STAGES)})")
-        if stage not in AVAILABLE_STAGES:
-            raise UsageError(
-                f"--stages: stage '{stage}' is not implemented yet (available: {', '.join(AVAILABLE_STAGES)})"
-            )
-    return stages
 
 
 def resolve_run_config(args: argparse.Namespace):
@@ -218,6 +213,9 @@ def check_run_flags(args: argparse.Namespace) -> None:
         raise UsageError("--resume continues a run and --overwrite moves it aside; pass one of them")
     if args.allow_data_change and not args.resume:
         raise UsageError("--allow-data-change applies to --resume (a new run simply uses the data it is given)")
+    given = ["--" + f.replace("_", "-") for f in MODAL_FLAGS if getattr(args, f, None) not in (None, False)]
+    if given and getattr(args, "backend", None) != "modal":
+        raise UsageError(f"{', '.join(given)}: only with --backend modal (or python -m launch.modal_h100)")
 
 
 def check_mesh(config, args: argparse.Namespace) -> None:
@@ -247,6 +245,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     setup_logging(args.verbose)
     check_run_flags(args)
+    if args.backend == "modal":
+        from launch.modal_h100 import launch
+
+        return launch(args)
     if args.backend == "mlx":
         from dsjax.mlx_backend import require_mlx
 
@@ -257,24 +259,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     runs.check_run_name(run_name)
     total = requested_devices(config, args.gpus)
     mesh_total = max(total or 1, requested_devices(config, None) or 1)
-    if args.backend == "mlx" and mesh_total > 1:
-        raise UsageError(f"--backend mlx runs on one device, but the mesh flags ask for {mesh_total}; drop them")
+    check_stage_flags(stages, config, args, mesh_total)
 
-    # before any work: the data is there (or is the default, to download), the run name is free
+    # before any work: the data is there (or is the default, to download), the run names are free
     data_dir = Path(config.training.data_dir)
-    must_download = layout.check_data_dir(data_dir, may_download="data_prep" in stages)
-    paths = runs.RunPaths.for_run(config, run_name)
+    needs_data = any(s in stages for s in ("data_prep", *TRAINING_STAGES))
+    must_download = layout.check_data_dir(data_dir, may_download="data_prep" in stages) if needs_data else False
+    start_from = Path(args.start_from) if args.start_from else None
+    plans = plan_stages(stages, config, run_name, resume=args.resume, overwrite=args.overwrite, start_from=start_from)
     to_move: list[Path] = []
-    if "pretrain" in stages:
-        if not args.resume:
-            if not (args.overwrite and _process_id(args) != 0):  # with --overwrite, process 0 moves the folders
-                to_move = runs.check_name_free(paths, run_name, args.overwrite)
-        else:
-            check_resume(config, paths, run_name, data_dir, must_download, args)
+    for plan in plans:
+        if plan.action == "run" and not (args.overwrite and _process_id(args) != 0):  # process 0 moves the folders
+            to_move += plan.to_move
+        if plan.action == "resume" and plan.stage == "pretrain":
+            check_resume(config, plan.paths, plan.run_name, data_dir, must_download, args)
+        elif plan.action == "resume" and runs.latest_resume_point(plan.paths.checkpoints) is None:
+            runs.check_nothing_to_lose(plan.paths, plan.run_name)
+    if "export" in stages:
+        export_from = export_source(stages, plans, config, run_name)
+        export_dir = Path(config.training.output_dir) / export_from.parent.name / "export"
+    trains_jax = args.backend == "jax" and any(p.action != "skip" for p in plans)
 
     if total:
         ensure_host_devices(total // max(args.num_processes or 1, 1))
-    if "pretrain" in stages and args.backend == "jax":
+    if trains_jax:
         from dsjax.train.distributed import initialize_multihost
 
         initialize_multihost(args.coordinator, args.num_processes, args.process_id)
@@ -284,6 +292,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for old, new in runs.move_aside(to_move):
             log.warning("--overwrite: moved %s to %s", old, new)
     console.print_json(json.dumps({"run_name": run_name, "stages": stages, **config.to_dict()}))
+    for line in describe_stages(plans):
+        log.info(line)
     if "data_prep" in stages:
         if must_download:
             from dsjax.data.download import download_from_hub
@@ -302,16 +312,114 @@ def cmd_run(args: argparse.Namespace) -> int:
                 ) from None
         else:
             log.info("data_prep: %s already holds train/ and valid/; not downloading", data_dir)
-    if "pretrain" in stages:
+    for plan in plans:
+        if plan.action == "skip":
+            log.info("%s: skipped, %s exists (--overwrite trains it again)", plan.stage, plan.final)
+            continue
+        run_stage(plan, config, args)
+    if "export" in stages:
+        run_export(export_from, export_dir, args)
+    if {"sft", "grpo"} & set(stages) and args.backend == "jax":
+        compare_stages(plans, config, args)
+    return 0
+
+
+def check_stage_flags(stages: list[str], config, args: argparse.Namespace, mesh_total: int) -> None:
+    """What a stage list cannot run with: all before any work."""
+    if args.backend == "mlx":
+        if mesh_total > 1:
+            raise UsageError(f"--backend mlx runs on one device, but the mesh flags ask for {mesh_total}; drop them")
+        other = [s for s in stages if s in ("sft", "grpo", "distill")]
+        if other:
+            raise UsageError(f"--backend mlx runs data_prep and pretrain; run {','.join(other)} on the JAX backend")
+    if "grpo" in stages and mesh_total > 1:
+        raise UsageError(f"the grpo stage runs on one device, but the mesh flags ask for {mesh_total}; drop them")
+    if "grpo" in stages and config.grpo.max_new_tokens >= config.model.max_position_embeddings:
+        raise ConfigError(
+            f"grpo.max_new_tokens: {config.grpo.max_new_tokens} leaves no room for a prompt within "
+            f"model.max_position_embeddings={config.model.max_position_embeddings}"
+        )
+    if "distill" in stages:
+        from dsjax.train.checkpoint import read_final_config
+
+        teacher = config.distill.teacher
+        if not teacher:
+            raise UsageError("the distill stage needs --teacher checkpoints/<run>/final (or distill.teacher in the config)")
+        teacher_config = read_final_config(Path(teacher))
+        if teacher_config.model.vocab_size != config.model.vocab_size:
+            raise UsageError(
+                f"--teacher {teacher} has vocab_size={teacher_config.model.vocab_size} but the student has "
+                f"{config.model.vocab_size}: teacher and student must share the tokenizer"
+            )
+    formats = _csv(args.export_format)
+    for fmt in formats:
+        if fmt not in ("gguf", "hf"):
+            raise UsageError(f"--export-format: unknown format '{fmt}' (gguf, hf, or gguf,hf)")
+    if ("export" not in stages) and (args.export_format or args.export_dtype):
+        raise UsageError("--export-format and --export-dtype apply to the export stage; add export to --stages")
+
+
+def run_stage(plan, config, args: argparse.Namespace) -> None:
+    resume = plan.action == "resume"
+    if plan.stage == "pretrain":
         if args.backend == "mlx":
             from dsjax.mlx_backend.loop import pretrain_mlx
 
-            pretrain_mlx(config, run_name, resume=args.resume)
-            return 0
+            pretrain_mlx(config, plan.run_name, resume=resume)
+            return
         from dsjax.train.loop import pretrain
 
-        pretrain(config, run_name, resume=args.resume, device_count=args.gpus, allow_data_change=args.allow_data_change)
-    return 0
+        pretrain(config, plan.run_name, resume=resume, device_count=args.gpus, allow_data_change=args.allow_data_change)
+    elif plan.stage == "sft":
+        from dsjax.posttrain.sft import sft
+
+        sft(config, plan.run_name, plan.start_final, resume=resume, device_count=args.gpus,
+            allow_data_change=args.allow_data_change)
+    elif plan.stage == "grpo":
+        from dsjax.posttrain.grpo_loop import grpo
+
+        grpo(config, plan.run_name, plan.start_final, resume=resume)
+    elif plan.stage == "distill":
+        from dsjax.distill import distill
+
+        distill(config, plan.run_name, Path(config.distill.teacher), resume=resume, device_count=args.gpus,
+                allow_data_change=args.allow_data_change)
+
+
+def run_export(final_dir: Path, out_dir: Path, args: argparse.Namespace) -> None:
+    """The EXPORT stage: the chosen final/ as GGUF and/or Hugging Face files under outputs/<run>/export/."""
+    from dsjax.export import export_checkpoint
+
+    formats = _csv(args.export_format) or ["gguf", "hf"]
+    targets = {"gguf": out_dir / "model.gguf", "hf": out_dir / "hf"}
+    for fmt in formats:
+        target = targets[fmt]
+        if target.exists() and not args.overwrite:
+            log.info("export: skipped, %s exists (--overwrite writes it again)", target)
+            continue
+        if target.exists():
+            from dsjax.train import runs
+
+            for old, new in runs.move_aside([target]):
+                log.warning("--overwrite: moved %s to %s", old, new)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        export_checkpoint(final_dir, fmt, target, args.export_dtype or ("f16" if fmt == "gguf" else "f32"))
+        log.info("export: %s -> %s", final_dir, target)
+
+
+def compare_stages(plans, config, args: argparse.Namespace) -> None:
+    """The table at the end of post-training: each stage's final/ on the same held-out prompts."""
+    from dsjax.posttrain.evaluate import compare
+
+    finals = {}
+    pretrain_final = Path(config.training.checkpoint_dir) / (config.training.run_name or args.model_size) / "final"
+    if pretrain_final.is_dir():
+        finals["pretrain"] = pretrain_final
+    for plan in plans:
+        if plan.stage in ("sft", "grpo") and plan.final.is_dir():
+            finals[plan.stage] = plan.final
+    if len(finals) > 1:
+        compare(finals, config)
 
 
 def check_resume(config, paths, run_name: str, data_dir: Path, must_download: bool, args: argparse.Namespace) -> None:
@@ -580,6 +688,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dsjax.export import check_export, export_checkpoint
+    from dsjax.progress import setup_logging
+
+    setup_logging(False)
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
+    check_export(args.format, Path(args.out), args.dtype)  # flags and --out before any array is read
+    out, _ = export_checkpoint(Path(args.checkpoint), args.format, Path(args.out), args.dtype)
+    print(f"wrote {out} ({args.format}, {args.dtype})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from dsjax.export import check_out, import_checkpoint
+    from dsjax.progress import setup_logging
+
+    setup_logging(False)
+    check_out(Path(args.out))
+    fmt, source = ("hf", args.from_hf) if args.from_hf is not None else ("gguf", args.from_gguf)
+    out = import_checkpoint(Path(source), Path(args.out), fmt)
+    print(f"wrote {out}; try: dsjax generate --checkpoint {out}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from dsjax.model.params import count_params
 
@@ -621,9 +753,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", allow_abbrev=False, help="run pipeline stages (data_prep, pretrain)", epilog=RUN_EPILOG + "\n\n" + EXIT_CODES,
         description="Run pipeline stages.", formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("--backend", choices=BACKENDS, default="jax")
+    run.add_argument("--backend", choices=RUN_BACKENDS, default="jax", help="modal: run on Modal GPUs (BUILD.md, Modal)")
     _add_config_flags(run)
-    run.add_argument("--stages", default="data_prep,pretrain", help="comma-separated stages (default data_prep,pretrain)")
+    run.add_argument(
+        "--stages", default="data_prep,pretrain",
+        help="comma-separated stages in order: data_prep, pretrain, sft, grpo, distill, export; all = "
+        "data_prep,pretrain,sft,grpo,export (default data_prep,pretrain)",
+    )
     run.add_argument("--max-steps", type=int)
     run.add_argument("--batch-size", type=int, help="sequences per micro-batch")
     run.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
@@ -660,6 +796,19 @@ def build_parser() -> argparse.ArgumentParser:
         "default auto = the measured fastest (xla on CPU, cudnn on GPU)",
     )
     run.add_argument("--verbose", action="store_true", help="debug logging (or set LOG_LEVEL)")
+    post = run.add_argument_group("post-training, distillation and export stages")
+    post.add_argument("--start-from", metavar="FINAL",
+                      help="final/ folder the first of sft/grpo starts from (default: the previous stage's, checkpoints/<run>[-sft]/final)")
+    post.add_argument("--sft-data", metavar="FILE", help="TinyStoriesInstruct-format file for sft (default: instructions made from the stories)")
+    post.add_argument("--sft-steps", type=int, help="sft optimizer steps (sft.max_steps)")
+    post.add_argument("--grpo-steps", type=int, help="grpo steps, each on a fresh sampled batch (grpo.max_steps)")
+    post.add_argument("--group-size", type=int, metavar="G", help="grpo samples per prompt (grpo.group_size)")
+    post.add_argument("--teacher", metavar="FINAL", help="distill: the teacher's final/ folder (same tokenizer as the student)")
+    post.add_argument("--distill-temperature", type=finite_float, metavar="T", help="distill: softmax temperature (default 2)")
+    post.add_argument("--distill-alpha", type=finite_float, metavar="A",
+                      help="distill: loss = A*T^2*KL(teacher||student) + (1-A)*CE (default 0.5)")
+    post.add_argument("--export-format", help="export: gguf, hf or gguf,hf (default both)")
+    post.add_argument("--export-dtype", choices=("f32", "f16", "bf16", "q8_0"), help="export: weight type (default f16 for GGUF, f32 for hf)")
     mesh = run.add_argument_group("device mesh (sizes multiply to the device count; one may be -1 = infer)")
     mesh.add_argument("--gpus", type=int, help="total devices to use (default: all)")
     for axis, what in (("pp", "pipeline"), ("dp", "data (default -1)"), ("tp", "tensor"), ("ep", "expert"), ("sp", "sequence")):
@@ -681,6 +830,12 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--coordinator", help="HOST:PORT of process 0")
     hosts.add_argument("--num-processes", type=int)
     hosts.add_argument("--process-id", type=int)
+    cloud = run.add_argument_group("Modal (--backend modal, or python -m launch.modal_h100)")
+    cloud.add_argument("--nodes", type=int, help="containers in a Modal cluster, whole hosts of 8 GPUs each (default 1)")
+    cloud.add_argument("--gpu-type", help="Modal GPU: H100 (default), H100!, H200, B200, A100-80GB, L40S, ...")
+    cloud.add_argument("--timeout", help="per attempt: seconds or 90m / 6h (default and Modal's limit: 24h)")
+    cloud.add_argument("--detach", action="store_true", help="start the run and return; it keeps going on Modal")
+    cloud.add_argument("--dry-run", action="store_true", help="print the launch plan (GPUs, volumes, mesh, command, cost) and exit")
     run.set_defaults(func=cmd_run)
 
     download = sub.add_parser("download", allow_abbrev=False, help="fetch TinyStories (or convert local files) into train/ + valid/ JSONL",
@@ -745,6 +900,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(info)
     info.add_argument("--json", action="store_true", help="print the resolved config and counts as JSON")
     info.set_defaults(func=cmd_info)
+
+    ex = sub.add_parser("export", allow_abbrev=False, help="write a final/ checkpoint as GGUF (llama.cpp) or a Hugging Face folder",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ex.add_argument("--checkpoint", required=True, help="a final/ folder, e.g. checkpoints/nano/final")
+    ex.add_argument("--format", required=True, choices=("gguf", "hf"),
+                    help="gguf: one llama.cpp file (arch deepseek2); hf: a DeepseekV3ForCausalLM folder for transformers")
+    ex.add_argument("--out", required=True, help="the .gguf file or the HF folder to write (never overwritten)")
+    ex.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0"), default="f32",
+                    help="weight type (default f32); q8_0 is GGUF only and needs rows divisible by 32")
+    ex.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import", allow_abbrev=False, help="make a final/ checkpoint from a Hugging Face DeepSeek-V3 folder or a GGUF",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = im.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", metavar="DIR", help="folder with config.json, model.safetensors and tokenizer.model")
+    source.add_argument("--from-gguf", metavar="FILE", help="a llama.cpp deepseek2 GGUF with a SentencePiece (llama) vocabulary")
+    im.add_argument("--out", required=True, help="the final/ folder to write, e.g. checkpoints/<run>/final (never overwritten)")
+    im.set_defaults(func=cmd_import)
     return parser
 
 
@@ -753,6 +928,8 @@ def build_parser() -> argparse.ArgumentParser:
 ERROR_KINDS = (
     ("dsjax.config", "ConfigError", 2, "config error"),
     ("dsjax.train.runs", "RunError", 2, "error"),
+    ("dsjax.stages", "StageError", 2, "error"),
+    ("dsjax.distill", "DistillError", 2, "error"),
     ("dsjax.data.layout", "DataError", 2, "error"),
     ("dsjax.data.download", "DownloadError", 2, "error"),
     ("dsjax.data.tokenizer", "TokenizerError", 2, "error"),
@@ -760,6 +937,7 @@ ERROR_KINDS = (
     ("meshes.mesh", "MeshError", 2, "error"),
     ("dsjax.mlx_backend", "MLXUnavailable", 2, "error"),
     ("dsjax.train.checkpoint", "CheckpointError", 4, "checkpoint error"),
+    ("dsjax.export.errors", "ExportError", 2, "error"),
     ("dsjax.train.loop", "TrainingDiverged", 3, ""),
 )
 

@@ -65,11 +65,61 @@ def chunked_head_nll(h_BTD, norm_scale, head_DV, targets_BT, weight_BT, c: Model
     return total
 
 
+def chunked_head_kl(
+    h_BTD, norm_scale, head_DV, teacher_h_BTD, teacher_norm_scale, teacher_head_DV, weight_BT, temperature: float,
+    c: ModelConfig, teacher_c: ModelConfig, chunk_tokens: int | None = None,
+):
+    """sum(weight * KL(teacher_T || student_T)) per token, in token chunks like `chunked_head_nll`.
+
+    Both heads' logits are divided by the temperature; the teacher's are cut off from the
+    gradient. Neither model's [tokens, vocab] logits ever exist whole: each chunk's are
+    made, reduced to its weighted KL and dropped (and remade in the backward pass).
+    """
+    B, T, D = h_BTD.shape
+    V = head_DV.shape[1]
+    N = B * T
+    C = chunk_tokens or max(1, min(N, CHUNK_LOGITS // (2 * V)))  # two models' logits per chunk
+    n = -(-N // C)
+    pad = n * C - N
+    h_ND = jnp.pad(h_BTD.reshape(N, D), ((0, pad), (0, 0)))
+    th_ND = jnp.pad(teacher_h_BTD.reshape(N, teacher_h_BTD.shape[-1]), ((0, pad), (0, 0)))
+    w_N = jnp.pad(weight_BT.reshape(N).astype(jnp.float32), (0, pad))
+
+    def chunk_kl(h_CD, th_CD, w_C):
+        student = jnp.dot(
+            rms_norm(h_CD, norm_scale, c.rms_norm_eps), head_DV.astype(h_CD.dtype), preferred_element_type=jnp.float32
+        )
+        teacher = jnp.dot(
+            rms_norm(th_CD, teacher_norm_scale, teacher_c.rms_norm_eps), teacher_head_DV.astype(th_CD.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        log_p_student = jax.nn.log_softmax(student / temperature, axis=-1)
+        log_p_teacher = jax.lax.stop_gradient(jax.nn.log_softmax(teacher / temperature, axis=-1))
+        kl_C = jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
+        return jnp.sum(kl_C * w_C)
+
+    chunk_fn = jax.checkpoint(chunk_kl) if n > 1 else chunk_kl
+
+    def body(total, chunk):
+        return total + chunk_fn(*chunk), None
+
+    chunks = (h_ND.reshape(n, C, D), th_ND.reshape(n, C, th_ND.shape[-1]), w_N.reshape(n, C))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks)
+    return total
+
+
 def loss_fn(
     params, window_BT1, c: ModelConfig, *, with_mtp: bool = True, moe_impl: str = "auto", microbatches: int = 1,
-    chunk_tokens: int | None = None,
+    chunk_tokens: int | None = None, weight_BT=None, extra_term=None,
 ):
     """window_BT1: packed token windows of length T + 1. Returns (loss, metrics).
+
+    weight_BT (optional): per-target weights, e.g. 1 on response tokens and 0 on the prompt
+    and padding for SFT; each loss is then the weighted mean over the tokens it predicts.
+    None (pretraining) = every token, the plain mean.
+
+    extra_term (optional, one device): extra_term(h_BTD, head_DV, inputs_BT, weight_BT, ce)
+    -> (value added to the loss, metrics); distillation's KL term (dsjax.distill).
 
     `microbatches` is the pipeline's microbatch count (used only when params hold pp stages).
     On one device the head and cross-entropy run in token chunks (`chunked_head_nll`), so
@@ -77,25 +127,32 @@ def loss_fn(
     split (vocab over tp, tokens over dp/sp) and the plain path keeps its sharding.
     """
     if not jax.sharding.get_abstract_mesh().empty:
-        return _loss_from_logits(params, window_BT1, c, with_mtp=with_mtp, moe_impl=moe_impl, microbatches=microbatches)
+        if extra_term is not None:
+            raise NotImplementedError("loss_fn: extra_term runs on one device (no mesh)")
+        return _loss_from_logits(
+            params, window_BT1, c, with_mtp=with_mtp, moe_impl=moe_impl, microbatches=microbatches, weight_BT=weight_BT
+        )
     inputs_BT, targets_BT = window_BT1[:, :-1], window_BT1[:, 1:]
     B, T = inputs_BT.shape
     use_mtp = with_mtp and c.num_nextn_predict_layers > 0
     h_BTD, aux = forward_hidden(params, inputs_BT, c, with_mtp=use_mtp, moe_impl=moe_impl, microbatches=microbatches)
     head_DV = head_kernel(params, c)
-    ones_BT = jnp.ones((B, T), jnp.float32)
-    ce = chunked_head_nll(h_BTD, params["norm"]["scale"], head_DV, targets_BT, ones_BT, c, chunk_tokens) / (B * T)
+    weight_BT = jnp.ones((B, T), jnp.float32) if weight_BT is None else weight_BT.astype(jnp.float32)
+    nll = chunked_head_nll(h_BTD, params["norm"]["scale"], head_DV, targets_BT, weight_BT, c, chunk_tokens)
+    ce = nll / _weight_total(weight_BT)
     loss = ce + aux["balance_loss"]
     metrics = {"ce_loss": ce, "balance_loss": aux["balance_loss"], "expert_load": aux["expert_load"]}
+    if extra_term is not None:
+        added, extra_metrics = extra_term(h_BTD, head_DV, inputs_BT, weight_BT, ce)
+        loss = loss + added
+        metrics.update(extra_metrics)
     if use_mtp:
         mtp_losses = []
         for k, (name, h_k) in enumerate(zip(sorted(params["mtp"], key=int), aux["mtp_hidden"]), start=1):
-            # module k at position i predicts token i + k + 1 = targets[i + k]; the last k positions have none
-            shifted_BT = jnp.roll(targets_BT, -k, axis=1)
-            valid_BT = jnp.broadcast_to((jnp.arange(T) < T - k).astype(jnp.float32), (B, T))
+            shifted_BT, valid_BT = mtp_targets(targets_BT, weight_BT, k)
             norm_scale = params["mtp"][name]["shared_head_norm"]["scale"]
             nll = chunked_head_nll(h_k, norm_scale, head_DV, shifted_BT, valid_BT, c, chunk_tokens)
-            mtp_losses.append(nll / (B * (T - k)) if T > k else jnp.zeros((), jnp.float32))
+            mtp_losses.append(nll / _weight_total(valid_BT) if T > k else jnp.zeros((), jnp.float32))
         mtp_loss = jnp.mean(jnp.stack(mtp_losses))  # = sum_k / D
         loss = loss + c.mtp_loss_weight * mtp_loss
         metrics["mtp_loss"] = mtp_loss
@@ -103,8 +160,25 @@ def loss_fn(
     return loss, metrics
 
 
+def _weight_total(weight_BT):
+    """The normaliser of a weighted mean (at least 1, so a batch without a weighted token gives 0, not NaN)."""
+    return jnp.maximum(jnp.sum(weight_BT), 1.0)
+
+
+def mtp_targets(targets_BT, weight_BT, k: int):
+    """(targets, weights) of MTP module k: at position i it predicts token i + k + 1 = targets[i + k].
+
+    The last k positions have no such token (weight 0); elsewhere the weight is that target's own.
+    """
+    T = targets_BT.shape[1]
+    shifted_BT = jnp.roll(targets_BT, -k, axis=1)
+    valid_BT = jnp.roll(weight_BT, -k, axis=1) * (jnp.arange(T) < T - k).astype(jnp.float32)
+    return shifted_BT, valid_BT
+
+
 def _loss_from_logits(
-    params, window_BT1, c: ModelConfig, *, with_mtp: bool = True, moe_impl: str = "auto", microbatches: int = 1
+    params, window_BT1, c: ModelConfig, *, with_mtp: bool = True, moe_impl: str = "auto", microbatches: int = 1,
+    weight_BT=None,
 ):
     """The objective over whole logits (the reference `chunked_head_nll` is tested against; mesh path)."""
     inputs_BT, targets_BT = window_BT1[:, :-1], window_BT1[:, 1:]
@@ -112,19 +186,22 @@ def _loss_from_logits(
     logits_BTV, aux = forward(
         params, inputs_BT, c, with_mtp=use_mtp, moe_impl=moe_impl, microbatches=microbatches
     )
-    ce = jnp.mean(token_cross_entropy(logits_BTV, targets_BT))
+    nll_BT = token_cross_entropy(logits_BTV, targets_BT)
+    if weight_BT is None:
+        ce = jnp.mean(nll_BT)
+        weight_BT = jnp.ones(nll_BT.shape, jnp.float32)
+    else:
+        weight_BT = weight_BT.astype(jnp.float32)
+        ce = jnp.sum(nll_BT * weight_BT) / _weight_total(weight_BT)
     loss = ce + aux["balance_loss"]
     metrics = {"ce_loss": ce, "balance_loss": aux["balance_loss"], "expert_load": aux["expert_load"]}
     if use_mtp:
-        T = inputs_BT.shape[1]
         depth = c.num_nextn_predict_layers
         mtp_losses = []
         for k in range(1, depth + 1):
-            # module k at position i predicts token i + k + 1 = targets[i + k]; the last k positions have none
-            shifted_BT = jnp.roll(targets_BT, -k, axis=1)
-            valid_T = (jnp.arange(T) < T - k).astype(jnp.float32)
+            shifted_BT, valid_BT = mtp_targets(targets_BT, weight_BT, k)
             nll_BT = token_cross_entropy(aux["mtp_logits"][k - 1], shifted_BT)
-            mtp_losses.append(jnp.sum(nll_BT * valid_T) / (nll_BT.shape[0] * jnp.sum(valid_T)))
+            mtp_losses.append(jnp.sum(nll_BT * valid_BT) / _weight_total(valid_BT))
         mtp_loss = jnp.mean(jnp.stack(mtp_losses))  # = sum_k / D
         loss = loss + c.mtp_loss_weight * mtp_loss
         metrics["mtp_loss"] = mtp_loss

@@ -61,11 +61,11 @@ def describe(mesh, shape: MeshShape, config: Config, abstract_state, shardings) 
     )
 
 
-def to_global(local: np.ndarray, sharding: NamedSharding | None):
-    """This process's rows -> one global array laid out by `sharding` (or as-is without a mesh)."""
+def to_global(local, sharding: NamedSharding | None):
+    """This process's rows (an array or a pytree of them) -> global arrays laid out by `sharding` (as-is without a mesh)."""
     if sharding is None:
         return local
-    return jax.make_array_from_process_local_data(sharding, local)
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), local)
 
 
 def local_rows(global_rows: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -76,9 +76,10 @@ def local_rows(global_rows: np.ndarray, axis: int = 0) -> np.ndarray:
 
 
 def eval_data_shardings(mesh):
+    """Eval batches [B, T(+1)]: rows split over the data-parallel axes (None without a mesh)."""
     if mesh is None:
-        return None, None
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None)), NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+        return None
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
 
 
 def is_primary() -> bool:

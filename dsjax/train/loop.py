@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import time
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ import numpy as np
 from dsjax.config import Config
 from dsjax.data import layout
 from dsjax.data.pipeline import eval_batches, tokenize_split, train_dataset
+from dsjax.train.optimizer import make_optimizer
 from dsjax.data.tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer, stash_tokenizer
 from dsjax.progress import StepClock, console, training_progress
 from dsjax.train import checkpoint, runs
@@ -24,6 +27,7 @@ from dsjax.train.signals import GracefulStop, StopRequested
 from dsjax.train import distributed
 from dsjax.train.checkpoint import with_shardings
 from dsjax.train.step import (
+    TrainState,
     abstract_state,
     batch_sharding,
     checkpoint_converters,
@@ -43,18 +47,47 @@ class TrainingDiverged(RuntimeError):
     """Loss or gradient norm became NaN/inf; the last good checkpoint is intact."""
 
 
-def evaluate(eval_step, params, split, config: Config, mesh=None) -> dict[str, float]:
-    """Next-token loss (nats/token) and bits per byte over the valid split (or its first eval_batches)."""
-    t = config.training
-    rows, weights = distributed.eval_data_shardings(mesh)
+def evaluate(eval_step, params, batches, mesh=None) -> dict[str, float]:
+    """Weighted next-token loss (nats/token) and bits per byte over `batches` of (windows_BT1, bytes_BT1, weight_BT)."""
+    rows = distributed.eval_data_shardings(mesh)
     totals = jnp.zeros(3, jnp.float32)
-    for windows, byte_counts, weight in eval_batches(split, t.seq_len, t.batch_size, t.eval_batches):
+    for windows, byte_counts, weight in batches:
         if mesh is not None:
-            windows, byte_counts = (distributed.to_global(distributed.local_rows(a), rows) for a in (windows, byte_counts))
-            weight = distributed.to_global(distributed.local_rows(weight), weights)
+            windows, byte_counts, weight = (
+                distributed.to_global(distributed.local_rows(a), rows) for a in (windows, byte_counts, weight)
+            )
         totals = totals + jnp.stack(eval_step(params, windows, byte_counts, weight))
     nats, tokens, text_bytes = (float(x) for x in totals)
     return {"val_loss": nats / tokens, "val_bpb": nats / (math.log(2) * text_bytes), "val_tokens": tokens}
+
+
+def story_eval_batches(split, config: Config):
+    """The valid split's windows in order, every target weighted 1 (0 in the last batch's padding rows)."""
+    t = config.training
+    for windows, byte_counts, weight_B in eval_batches(split, t.seq_len, t.batch_size, t.eval_batches):
+        yield windows, byte_counts, np.repeat(weight_B[:, None], t.seq_len, axis=1)
+
+
+@dataclasses.dataclass
+class TrainingJob:
+    """What a training stage (pretrain, SFT, distill) hands the shared loop.
+
+    data_iter yields this process's rows of one optimizer step: an array [rows, T + 1]
+    or a pytree of arrays with leading `rows` (SFT: tokens and per-token weights), and has
+    Grain's get_state/set_state for exact resume. eval_batches() yields
+    (windows_BT1, bytes_BT1, weight_BT) for `evaluate`.
+    """
+
+    tokenizer: Tokenizer
+    data_iter: Any
+    eval_batches: Callable[[], Iterable]
+    data_record: dict
+    objective: Callable | None = None  # make_train_step's objective (default: pretraining's)
+    step_args: tuple = ()  # extra step inputs that are not trained (distillation's teacher params)
+    step_args_shardings: tuple | None = None
+    init_params: Any = None  # start from these weights (canonical layout) instead of a fresh init
+    title: str = "dsjax"
+    metric_columns: list[str] | None = None  # metrics.csv columns (default: pretraining's)
 
 
 def _mean_metrics(pending: list[dict]) -> dict[str, float]:
@@ -92,20 +125,31 @@ def pretrain(
         train_split.stories, len(train_split.tokens), valid_split.stories, len(valid_split.tokens),
     )
     data_record = {**data_prints, "tokenizer_sha256": layout.file_digest(tokenizer.path)}
-    accum, micro = t.gradient_accumulation_steps, t.batch_size
     dataset = train_dataset(
-        train_split, t.seq_len, micro * accum, t.seed, jax.process_index(), jax.process_count()
+        train_split, t.seq_len, t.batch_size * t.gradient_accumulation_steps, t.seed,
+        jax.process_index(), jax.process_count(),
     )
-    data_iter = iter(dataset)
+    job = TrainingJob(
+        tokenizer=tokenizer,
+        data_iter=iter(dataset),
+        eval_batches=lambda: story_eval_batches(valid_split, config),
+        data_record=data_record,
+        title=f"dsjax {run_name}",
+    )
+    return run_training(config, run_name, job, resume, device_count, allow_data_change)
 
+
+def run_training(
+    config: Config, run_name: str, job: TrainingJob, resume: bool = False, device_count: int | None = None,
+    allow_data_change: bool = False,
+) -> dict:
+    """The shared loop of every training stage: steps, evals, metrics, checkpoints, final/ and the plot."""
+    paths = RunPaths.for_run(config, run_name)
     mesh, shape = distributed.setup_mesh(config, device_count)
-    store = checkpoint.CheckpointStore(paths.checkpoints, t.max_to_keep, t.keep_every)
+    store = checkpoint.CheckpointStore(paths.checkpoints, config.training.max_to_keep, config.training.keep_every)
     # every exit path (normal end, error, signal) waits for the in-flight async save
     try:
-        summary = _train(
-            config, run_name, resume, paths, tokenizer, valid_split, data_iter, store, mesh, shape,
-            data_record, allow_data_change,
-        )
+        summary = _train(config, run_name, resume, paths, job, store, mesh, shape, allow_data_change)
     except BaseException:
         try:
             store.close()
@@ -116,10 +160,19 @@ def pretrain(
     return summary
 
 
-def _train(
-    config, run_name, resume, paths, tokenizer, valid_split, data_iter, store, mesh, shape, data_record, allow_data_change
-) -> dict:
+def start_state(config: Config, params, mesh):
+    """A fresh train state (step 0, new optimizer moments) around given weights, in the mesh's layout."""
+    shardings = state_shardings_for(config, mesh, stages=1) if mesh is not None else None
+    make = jax.jit(
+        lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=make_optimizer(config.training).init(p)),
+        out_shardings=shardings,
+    )
+    return make(params)
+
+
+def _train(config, run_name, resume, paths, job: TrainingJob, store, mesh, shape, allow_data_change) -> dict:
     t = config.training
+    tokenizer, data_iter, data_record = job.tokenizer, job.data_iter, job.data_record
     accum, micro = t.gradient_accumulation_steps, t.batch_size
     stages = pipeline_stages(mesh)
     # checkpoints hold the canonical layout; with pp stages training holds a staged one
@@ -169,18 +222,24 @@ def _train(
             last_val = saved.get("val_loss")
             last_val_step = saved.get("last_val_step")
             log.info("resumed from %s at step %d", folder, start_step)
-    if state is None:
+    if state is None and job.init_params is not None:
+        state = to_train(start_state(config, job.init_params, mesh))
+    elif state is None:
         init = jax.jit(init_state, static_argnums=(0, 2), out_shardings=shardings)
         state = init(config, jax.random.key(t.seed), stages)
 
     primary = distributed.is_primary()
-    writer = MetricsWriter(paths.outputs, resume=start_step > 0, enabled=primary)
+    writer = MetricsWriter(paths.outputs, resume=start_step > 0, enabled=primary, columns=job.metric_columns)
     if start_step > 0:
         writer.truncate_after(start_step)
     if primary:
         (paths.outputs / "training_config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
-    train_step = make_train_step(config, mesh=mesh)
+    train_step = make_train_step(
+        config, mesh=mesh, objective=job.objective,
+        extras_shardings=job.step_args_shardings if mesh is not None else None,
+    )
+    step_args = job.step_args
     eval_step = make_eval_step(config, mesh=mesh)
     batch_layout = batch_sharding(mesh) if mesh is not None else None
     local_micro = micro // jax.process_count()
@@ -236,9 +295,11 @@ def _train(
                 progress.update(task, completed=step, eta=clock.eta(t.max_steps - step))
 
         for step in range(start_step + 1, t.max_steps + 1):
-            local = np.asarray(next(data_iter)).reshape(accum, local_micro, t.seq_len + 1)
+            local = jax.tree.map(
+                lambda rows: np.asarray(rows).reshape(accum, local_micro, *np.shape(rows)[1:]), next(data_iter)
+            )
             batch = distributed.to_global(local, batch_layout)
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, batch, *step_args)
             pending.append(metrics)
             # keep one step queued behind the running one: wait (no transfer) for the previous step,
             # so the Python loop, and the bar, run at most one step ahead of the device
@@ -265,7 +326,7 @@ def _train(
             if step % t.eval_interval == 0 or is_last:
                 flush(step)
                 step_done(step)
-                ev = evaluate(eval_step, state.params, valid_split, config, mesh)
+                ev = evaluate(eval_step, state.params, job.eval_batches(), mesh)
                 best_val, last_val, last_val_step = min(best_val, ev["val_loss"]), ev["val_loss"], step
                 row.update(val_loss=ev["val_loss"], val_bpb=ev["val_bpb"])
                 log.info("step %d | val loss %.4f | val %.4f bits/byte", step, ev["val_loss"], ev["val_bpb"])
@@ -299,7 +360,7 @@ def _train(
         plot = paths.outputs / "loss.png"
         if writer.complete or not (writer.log_path.exists() or plot.exists()):
             writer.write_log(summary)
-            plot_losses(writer.rows, plot, f"dsjax {run_name}")
+            plot_losses(writer.rows, plot, job.title)
         else:
             log.warning(
                 "%s has no rows before step %d, so %s and %s were left as they were (they are rewritten only "

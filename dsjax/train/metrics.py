@@ -36,8 +36,9 @@ class MetricsWriter:
     training_log.json and loss.png from them.
     """
 
-    def __init__(self, out_dir: Path, resume: bool, enabled: bool = True):
+    def __init__(self, out_dir: Path, resume: bool, enabled: bool = True, columns: list[str] | None = None):
         self.out_dir = Path(out_dir)
+        self.columns = list(columns or METRIC_COLUMNS)  # another stage (GRPO) writes its own columns
         self.csv_path = self.out_dir / "metrics.csv"
         self.log_path = self.out_dir / "training_log.json"
         self.rows: list[dict] = []
@@ -55,7 +56,7 @@ class MetricsWriter:
                     f"{self.csv_path} already holds a run's metrics; refusing to start over it "
                     "(use --resume, a new --run-name, or --overwrite)"
                 )
-            _write_rows_atomic(self.csv_path, [])
+            _write_rows_atomic(self.csv_path, [], self.columns)
 
     @property
     def first_step(self):
@@ -67,15 +68,15 @@ class MetricsWriter:
         self.complete = bool(self.rows)  # a missing or emptied metrics.csv cannot speak for the steps before
         if not self.enabled:
             return
-        _write_rows_atomic(self.csv_path, self.rows)
+        _write_rows_atomic(self.csv_path, self.rows, self.columns)
 
     def write(self, row: dict) -> None:
-        clean = {k: row.get(k, "") for k in METRIC_COLUMNS}
+        clean = {k: row.get(k, "") for k in self.columns}
         self.rows.append(clean)
         if not self.enabled:
             return
         with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow(clean)
+            csv.DictWriter(f, fieldnames=self.columns).writerow(clean)
 
     def write_log(self, summary: dict) -> None:
         if not self.enabled:
@@ -89,12 +90,12 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_rows_atomic(path: Path, rows: list[dict]) -> None:
+def _write_rows_atomic(path: Path, rows: list[dict], columns: list[str] = METRIC_COLUMNS) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\r\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\r\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+        writer.writerow({k: row.get(k, "") for k in columns})
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
         f.write(buffer.getvalue())

@@ -93,38 +93,57 @@ def abstract_state(config: Config, stages: int = 1) -> TrainState:
 def accumulated_gradients(grad_fn, params, batch_ABT1):
     """(mean gradient, mean metrics) over the A microbatches of batch_ABT1, summed in a scan.
 
-    grad_fn(params, window_BT1) -> ((loss, metrics), grads). Equal-size microbatches
-    whose losses are token means make this the gradient of the whole batch's mean loss.
+    grad_fn(params, window_BT1) -> ((loss, metrics), grads). The batch may be a pytree
+    (SFT: tokens and per-token weights) whose leaves all lead with A. Equal-size
+    microbatches whose losses are token means make this the gradient of the whole
+    batch's mean loss (with per-token weights: the mean of the microbatches' weighted means).
     """
-    A = batch_ABT1.shape[0]
+    A = jax.tree.leaves(batch_ABT1)[0].shape[0]
 
     def accumulate(carry, window_BT1):
         (_, metrics), grads = grad_fn(params, window_BT1)
         return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
+    first = jax.tree.map(lambda x: x[0], batch_ABT1)
     zeros = jax.tree.map(
         lambda s: jnp.zeros(s.shape, s.dtype),
-        jax.eval_shape(lambda: (params, grad_fn(params, batch_ABT1[0])[0][1])),
+        jax.eval_shape(lambda: (params, grad_fn(params, first)[0][1])),
     )
     (grads, metrics), _ = jax.lax.scan(accumulate, zeros, batch_ABT1)
     return jax.tree.map(lambda g: g / A, grads), jax.tree.map(lambda m: m / A, metrics)
 
 
-def make_train_step(config: Config, moe_impl: str = "auto", mesh=None):
-    """train_step(state, batch_ABT1) -> (state, metrics); A = gradient-accumulation microbatches.
+def pretrain_objective(config: Config, moe_impl: str = "auto", microbatches: int = 1):
+    """objective(params, window_BT1, extras) -> (loss, metrics): next-token CE + MTP + balance terms."""
+    return lambda p, w, _extras: model.loss_fn(p, w, config.model, moe_impl=moe_impl, microbatches=microbatches)
 
-    With a mesh, the state is laid out by the logical-axis rules (optimizer moments
-    ZeRO-split over dp) and the batch split over (dp, ep); the step runs under the
-    mesh so the model's sharding constraints and expert-parallel shard_map apply.
+
+def sft_objective(config: Config, moe_impl: str = "auto", microbatches: int = 1):
+    """The pretraining objective on batches {"tokens": [B, T+1], "weights": [B, T]}: loss on weighted targets only."""
+    return lambda p, b, _extras: model.loss_fn(
+        p, b["tokens"], config.model, moe_impl=moe_impl, microbatches=microbatches, weight_BT=b["weights"]
+    )
+
+
+def make_train_step(config: Config, moe_impl: str = "auto", mesh=None, objective=None, extras_shardings=None):
+    """train_step(state, batch_ABT1, *extras) -> (state, metrics); A = gradient-accumulation microbatches.
+
+    `objective(config, moe_impl, microbatches)` builds the loss (default: pretraining's);
+    `extras` are inputs the loss reads but does not train (distillation's teacher params),
+    laid out by `extras_shardings` under a mesh. With a mesh, the state is laid out by the
+    logical-axis rules (optimizer moments ZeRO-split over dp) and the batch split over
+    (dp, ep); the step runs under the mesh so the model's sharding constraints and
+    expert-parallel shard_map apply.
     """
     c, t = config.model, config.training
     optimizer = make_optimizer(t)
     schedule = lr_schedule(t)
     M = microbatches_for(config, mesh)
-    loss_fn = lambda p, w: model.loss_fn(p, w, c, moe_impl=moe_impl, microbatches=M)  # noqa: E731
-    grad_fn = jax.value_and_grad(with_scheme(config.distributed.ep_dispatch, loss_fn), has_aux=True)
+    loss = (objective or pretrain_objective)(config, moe_impl, M)
 
-    def train_step(state: TrainState, batch_ABT1):
+    def train_step(state: TrainState, batch_ABT1, *extras):
+        loss_fn = lambda p, w: loss(p, w, extras)  # noqa: E731
+        grad_fn = jax.value_and_grad(with_scheme(config.distributed.ep_dispatch, loss_fn), has_aux=True)
         grads, metrics = accumulated_gradients(grad_fn, state.params, batch_ABT1)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -139,16 +158,17 @@ def make_train_step(config: Config, moe_impl: str = "auto", mesh=None):
     if mesh is None:
         return jax.jit(train_step, donate_argnums=0)
     shardings = state_shardings_for(config, mesh)
+    extras_in = () if extras_shardings is None else tuple(extras_shardings)
     jitted = jax.jit(
         train_step,
-        in_shardings=(shardings, batch_sharding(mesh)),
+        in_shardings=(shardings, batch_sharding(mesh), *extras_in),
         out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
     )
 
-    def sharded_step(state, batch_ABT1):
+    def sharded_step(state, batch_ABT1, *extras):
         with jax.set_mesh(mesh):
-            return jitted(state, batch_ABT1)
+            return jitted(state, batch_ABT1, *extras)
 
     sharded_step.jitted = jitted  # for inspection (compiled memory, HLO) under `jax.set_mesh(mesh)`
     return sharded_step
@@ -184,24 +204,28 @@ def checkpoint_converters(config: Config, mesh):
 
 
 def make_eval_step(config: Config, moe_impl: str = "auto", mesh=None):
-    """eval_step(params, windows_BT1, bytes_BT1, weight_B) -> (nats, tokens, bytes) summed over the batch."""
+    """eval_step(params, windows_BT1, bytes_BT1, weight_BT) -> (nats, tokens, bytes) summed over weighted targets.
+
+    weight_BT weighs each target token: 1 for every token of a real window in pretraining
+    (0 for the padding rows of the last batch), 1 on response tokens only for SFT.
+    """
     c = config.model
     M = microbatches_for(config, mesh)
 
-    def eval_step(params, windows_BT1, bytes_BT1, weight_B):
+    def eval_step(params, windows_BT1, bytes_BT1, weight_BT):
         forward = with_scheme(config.distributed.ep_dispatch, model.forward)
         logits_BTV, _ = forward(params, windows_BT1[:, :-1], c, moe_impl=moe_impl, microbatches=M)
         nll_BT = model.token_cross_entropy(logits_BTV, windows_BT1[:, 1:])
-        nats = jnp.sum(nll_BT * weight_B[:, None])
-        tokens = jnp.sum(jnp.ones_like(nll_BT) * weight_B[:, None])
-        text_bytes = jnp.sum(bytes_BT1[:, 1:].astype(jnp.float32) * weight_B[:, None])
+        nats = jnp.sum(nll_BT * weight_BT)
+        tokens = jnp.sum(weight_BT)
+        text_bytes = jnp.sum(bytes_BT1[:, 1:].astype(jnp.float32) * weight_BT)
         return nats, tokens, text_bytes
 
     if mesh is None:
         return jax.jit(eval_step)
     data = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
     params = state_shardings_for(config, mesh).params
-    jitted = jax.jit(eval_step, in_shardings=(params, data, data, NamedSharding(mesh, PartitionSpec(BATCH_AXES))))
+    jitted = jax.jit(eval_step, in_shardings=(params, data, data, data))
 
     def sharded_eval(*args):
         with jax.set_mesh(mesh):
