@@ -31,3 +31,11 @@ def tinystories_large_dir() -> Path:
     if not (LARGE_DATA / "train" / "stories.jsonl").is_file():
         pytest.skip(f"the larger TinyStories sample is not beside this checkout ({LARGE_DATA})")
     return LARGE_DATA
+
+
+@pytest.fixture(scope="session")
+def sample_tokenizer(tmp_path_factory, tinystories_dir):
+    """A 512-piece tokenizer trained on the committed sample (about a second), shared by the tests that need one."""
+    from dsjax.data.tokenizer import load_or_train_tokenizer
+
+    return load_or_train_tokenizer(tinystories_dir, tmp_path_factory.mktemp("sample_tokenizer"), 512)
