@@ -6,6 +6,7 @@
     dsjax info      [--model-size ...] [--config FILE]
     dsjax export    --checkpoint checkpoints/<run>/final --format gguf|hf --out PATH [--dtype f32|f16|bf16|q8_0]
     dsjax import    --from-hf DIR | --from-gguf FILE --out checkpoints/<run>/final
+    dsjax eval      --checkpoint checkpoints/<run>/final [--checkpoint ...] [--prompts 64] [--json]
     dsjax bench     [--model-size tiny,small] [--moe dense,pallas] [--attention xla,cudnn] [--json]
 
 Flags override the config file, which overrides the size preset. Every failure is
@@ -408,18 +409,20 @@ def run_export(final_dir: Path, out_dir: Path, args: argparse.Namespace) -> None
 
 
 def compare_stages(plans, config, args: argparse.Namespace) -> None:
-    """The table at the end of post-training: each stage's final/ on the same held-out prompts."""
-    from dsjax.posttrain.evaluate import compare
+    """The table at the end of post-training: each stage's final/ on the same held-out prompts (`dsjax eval`)."""
+    from dsjax.posttrain.evaluate import EvalSettings, compare
 
-    finals = {}
+    finals = []
     pretrain_final = Path(config.training.checkpoint_dir) / (config.training.run_name or args.model_size) / "final"
     if pretrain_final.is_dir():
-        finals["pretrain"] = pretrain_final
+        finals.append(("pretrain", pretrain_final))
     for plan in plans:
         if plan.stage in ("sft", "grpo") and plan.final.is_dir():
-            finals[plan.stage] = plan.final
+            finals.append((plan.stage, plan.final))
     if len(finals) > 1:
-        compare(finals, config)
+        log.info("scoring %s on the same held-out prompts", ", ".join(label for label, _ in finals))
+        settings = EvalSettings.from_config(config, prompts=config.grpo.eval_prompts)  # GRPO never trains on these
+        compare(finals, settings, Path(config.training.data_dir), Path(config.training.work_dir))
 
 
 def check_resume(config, paths, run_name: str, data_dir: Path, must_download: bool, args: argparse.Namespace) -> None:
@@ -712,6 +715,35 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dsjax.data import layout
+    from dsjax.posttrain.evaluate import EvalSettings, compare
+    from dsjax.progress import setup_logging
+    from dsjax.train.checkpoint import read_final_config
+
+    setup_logging(False)
+    for flag, value, low in (("--prompts", args.prompts, 1), ("--samples", args.samples, 1), ("--seed", args.seed, 0)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    configs = [read_final_config(Path(folder)) for folder in args.checkpoint]  # every folder before any work
+    data_dir = Path(args.data_dir or configs[0].training.data_dir)
+    layout.check_data_dir(data_dir, may_download=False)
+    changes = {"prompts": args.prompts, "samples": args.samples, "temperature": args.temperature}
+    for key in ("seed", "max_new_tokens"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
+    settings = EvalSettings.from_config(configs[0], **changes)
+    items = [(Path(folder).absolute().parent.name, Path(folder)) for folder in args.checkpoint]
+    result = compare(items, settings, data_dir, Path(args.work_dir) if args.work_dir else None, out=None if args.json else print)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from dsjax.model.params import count_params
 
@@ -920,6 +952,27 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--from-gguf", metavar="FILE", help="a llama.cpp deepseek2 GGUF with a SentencePiece (llama) vocabulary")
     im.add_argument("--out", required=True, help="the final/ folder to write, e.g. checkpoints/<run>/final (never overwritten)")
     im.set_defaults(func=cmd_import)
+
+    ev = sub.add_parser("eval", allow_abbrev=False,
+        help="score final/ checkpoints on held-out instruction prompts: word coverage, clean endings, reward, val bits/byte",
+        description="Score final/ checkpoints on the same held-out prompts (the valid stories' instructions) with 95% "
+        "bootstrap intervals; with several --checkpoint, each is compared with the one before (paired intervals). "
+        "See dsjax/posttrain/evaluate.py.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("--checkpoint", action="append", required=True, metavar="DIR",
+                    help="a final/ folder; repeat to compare (e.g. pretrain, then SFT, then GRPO)")
+    ev.add_argument("--prompts", type=int, default=64, help="held-out prompts (default 64)")
+    ev.add_argument("--samples", type=int, default=4, help="completions per prompt (default 4)")
+    ev.add_argument("--seed", type=int,
+                    help="picks the held-out prompts and the sampling seeds (default: the first checkpoint's training.seed, "
+                    "so the prompts are GRPO's held-out eval prompts)")
+    ev.add_argument("--temperature", type=finite_float, default=1.0, help="sampling temperature (default 1.0)")
+    ev.add_argument("--max-new-tokens", type=int, help="default: the first checkpoint's grpo.max_new_tokens")
+    ev.add_argument("--data-dir", help="folder with valid/stories.jsonl (default: the first checkpoint's training.data_dir)")
+    ev.add_argument("--work-dir", help="where the valid split's token cache goes (default: the checkpoint's training.work_dir)")
+    ev.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

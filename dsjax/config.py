@@ -147,6 +147,7 @@ class SFTConfig:
     max_steps: int = 200
     learning_rate: float = 1e-3
     warmup_steps: int = 20
+    seq_len: int = 512  # tokens per example (prompt + story), at most model.max_position_embeddings; 0 = training.seq_len
     data: str = ""  # TinyStoriesInstruct-format file (Words:/Features:/Summary:/Story:); empty = made from the stories
     with_features: bool = True  # also ask for a feature the story has (dialogue, a happy or sad ending)
 
@@ -480,6 +481,7 @@ def _validate_post_training(config: Config) -> None:
             raise ConfigError(f"{key}: must be > 0, got {value}")
     non_negative = {
         "sft.warmup_steps": s.warmup_steps,
+        "sft.seq_len": s.seq_len,
         "grpo.warmup_steps": g.warmup_steps,
         "grpo.epsilon_high": g.epsilon_high,
         "grpo.beta": g.beta,

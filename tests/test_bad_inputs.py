@@ -250,6 +250,13 @@ CASES = [
     Case("prompt too long", f"{GEN} --prompt '{'once upon a time ' * 1250}'", 2,
          r"the prompt is \d+ tokens; the model's context is max_position_embeddings=128"),
     Case("checkpoints ls missing", "checkpoints ls {root}/ck/nope", 2, r"no checkpoint folder at .*ck/nope"),
+    # --- eval
+    Case("eval checkpoint missing", "eval --checkpoint {root}/ck/nope/final", 4, r"ck/nope/final does not exist"),
+    Case("eval second checkpoint is a run folder", "eval --checkpoint {root}/ck/trained/final --checkpoint {root}/ck/trained",
+         4, r"ck/trained is a run folder; pass its final/ checkpoint"),
+    Case("eval prompts zero", "eval --checkpoint {root}/ck/trained/final --prompts 0", 2, r"--prompts must be >= 1"),
+    Case("eval data folder missing", "eval --checkpoint {root}/ck/trained/final --data-dir {root}/nope", 2,
+         r"data folder .*nope does not exist"),
     # --- download flags
     Case("max stories negative", "download --out {root}/dl --from {root}/data_ok --max-stories -1", 2,
          r"--max-stories must be > 0"),

@@ -14,6 +14,14 @@ Randomness is per row: row r of a call with seed s draws exactly what a
 single-row call with seed s + r draws, and a row's key advances only on the steps
 where it samples, so batched rows equal single rows and a single row equals the
 step-by-step sampler (`generate.generate_tokens`) token for token.
+
+`eos_id` may be one id or a tuple of stop ids (GRPO stops at <|end|> or </s>);
+with `keep_stop=True` the stop token that ended a row is returned as its last
+token, so the caller sees which one it was (default: not returned, as before).
+A caller that samples many batches of varying prompts (GRPO) fixes the compiled
+shapes with `prefill_len` (at most the shortest prompt: the rest is fed one step
+at a time) and `cache_len` (the cache and the prompt buffer), so one compile
+serves every batch of the same size.
 """
 
 from __future__ import annotations
@@ -59,12 +67,15 @@ def _next_tokens(logits_BV, state_pos, prompts_BP, prompt_len_B, key_data_B, s: 
     return token_B, forced_B, key_data_B
 
 
-def _record(state: DecodeState, token_B, forced_B, eos_id: int, max_len: int) -> DecodeState:
-    """Append sampled tokens to rows still running; finish rows on EOS, max_new_tokens or the cache end."""
+def _record(state: DecodeState, token_B, forced_B, stop_ids: tuple[int, ...], keep_stop: bool, max_len: int) -> DecodeState:
+    """Append sampled tokens to rows still running; finish rows on a stop id, max_new_tokens or the cache end."""
     N = state.out_BN.shape[1]
     produced_B = ~forced_B & ~state.done_B
-    is_eos_B = produced_B & (token_B == eos_id)
-    append_B = produced_B & ~is_eos_B
+    is_stop_B = jnp.zeros_like(produced_B)
+    for stop in stop_ids:
+        is_stop_B = is_stop_B | (token_B == stop)
+    is_eos_B = produced_B & is_stop_B
+    append_B = produced_B if keep_stop else produced_B & ~is_eos_B
     rows = jnp.arange(token_B.shape[0])
     slot_B = jnp.minimum(state.count_B, N - 1)
     out_BN = state.out_BN.at[rows, slot_B].set(jnp.where(append_B, token_B, state.out_BN[rows, slot_B]))
@@ -76,7 +87,7 @@ def _record(state: DecodeState, token_B, forced_B, eos_id: int, max_len: int) ->
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(c: ModelConfig, s: SamplingConfig, eos_id: int, max_len: int, chunk: int):
+def _programs(c: ModelConfig, s: SamplingConfig, stop_ids: tuple[int, ...], max_len: int, chunk: int, keep_stop: bool = False):
     """(prefill, decode_chunk) compiled for one config, sampling setting, cache length and chunk size."""
 
     @functools.partial(jax.jit, static_argnums=(4,))
@@ -97,7 +108,7 @@ def _programs(c: ModelConfig, s: SamplingConfig, eos_id: int, max_len: int, chun
         token_B, forced_B, key_data_B = _next_tokens(
             logits_BTV[:, -1], state.position, prompts_BP, prompt_len_B, key_data_B, s
         )
-        return _record(state._replace(key_data_B=key_data_B), token_B, forced_B, eos_id, max_len)
+        return _record(state._replace(key_data_B=key_data_B), token_B, forced_B, stop_ids, keep_stop, max_len)
 
     @jax.jit
     def decode_chunk(params, state: DecodeState, prompts_BP, prompt_len_B):
@@ -112,7 +123,7 @@ def _programs(c: ModelConfig, s: SamplingConfig, eos_id: int, max_len: int, chun
                 logits_BTV[:, -1], st.position, prompts_BP, prompt_len_B, st.key_data_B, s
             )
             st = st._replace(cache=cache, key_data_B=key_data_B)
-            return i + 1, _record(st, token_B, forced_B, eos_id, max_len)
+            return i + 1, _record(st, token_B, forced_B, stop_ids, keep_stop, max_len)
 
         _, state = jax.lax.while_loop(running, body, (jnp.int32(0), state))
         return state
@@ -124,9 +135,19 @@ def _cache_length(c: ModelConfig, longest_prompt: int, max_new: int) -> int:
     return min(longest_prompt + max_new, c.max_position_embeddings)
 
 
+def _stop_ids(eos_id) -> tuple[int, ...]:
+    """None -> no stop id; one id or several -> a tuple (hashable: part of the compiled programs' key)."""
+    if eos_id is None:
+        return ()
+    if isinstance(eos_id, (int, np.integer)):
+        return (int(eos_id),)
+    return tuple(int(i) for i in eos_id)
+
+
 def sample_chunks(
-    params, c: ModelConfig, prompts: list[list[int]], s: SamplingConfig, eos_id: int | None = None, chunk: int = 32,
-    seeds: list[int] | None = None,
+    params, c: ModelConfig, prompts: list[list[int]], s: SamplingConfig, eos_id: int | tuple[int, ...] | None = None,
+    chunk: int = 32, seeds: list[int] | None = None, keep_stop: bool = False,
+    prefill_len: int | None = None, cache_len: int | None = None,
 ):
     """Yields, after each compiled chunk, the [B, max_new_tokens] tokens so far (-1 = none yet) and counts.
 
@@ -136,13 +157,17 @@ def sample_chunks(
     if not prompts or any(len(p) == 0 for p in prompts):
         raise SamplingError("every prompt must have at least one token")
     longest, shortest = max(map(len, prompts)), min(map(len, prompts))
-    max_len = _cache_length(c, longest, s.max_new_tokens)
-    if longest >= max_len:
+    max_len = _cache_length(c, longest, s.max_new_tokens) if cache_len is None else cache_len
+    if longest >= max_len or max_len > c.max_position_embeddings:
         raise SamplingError(
-            f"prompt of {longest} tokens leaves no room under max_position_embeddings={c.max_position_embeddings}"
+            f"prompt of {longest} tokens leaves no room in a cache of {max_len} positions "
+            f"(max_position_embeddings={c.max_position_embeddings})"
         )
+    prefix_len = shortest if prefill_len is None else prefill_len
+    if not 1 <= prefix_len <= shortest:
+        raise SamplingError(f"prefill_len {prefix_len} must be in 1..{shortest} (the shortest prompt)")
     B = len(prompts)
-    prompts_BP = np.zeros((B, longest), np.int32)
+    prompts_BP = np.zeros((B, longest if cache_len is None else max_len), np.int32)
     for r, p in enumerate(prompts):
         prompts_BP[r, : len(p)] = p
     prompt_len_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
@@ -152,9 +177,9 @@ def sample_chunks(
         raise SamplingError(f"{len(seeds)} seeds for {B} prompts")
     key_data_B = jnp.stack([jax.random.key_data(jax.random.key(seed)) for seed in seeds])
     # the programs do not depend on the seed (keys are inputs): one compile serves every seed
-    prefill, decode_chunk = _programs(c, dataclasses.replace(s, seed=0), -1 if eos_id is None else int(eos_id), max_len, chunk)
+    prefill, decode_chunk = _programs(c, dataclasses.replace(s, seed=0), _stop_ids(eos_id), max_len, chunk, keep_stop)
     prompts_BP = jnp.asarray(prompts_BP)
-    state = prefill(params, prompts_BP, prompt_len_B, key_data_B, shortest)
+    state = prefill(params, prompts_BP, prompt_len_B, key_data_B, prefix_len)
     while True:
         out, counts, done = jax.device_get((state.out_BN, state.count_B, state.done_B))
         yield out, counts
@@ -164,12 +189,16 @@ def sample_chunks(
 
 
 def sample_batch(
-    params, c: ModelConfig, prompts: list[list[int]], s: SamplingConfig, eos_id: int | None = None,
-    chunk: int = 1 << 20, seeds: list[int] | None = None,
+    params, c: ModelConfig, prompts: list[list[int]], s: SamplingConfig, eos_id: int | tuple[int, ...] | None = None,
+    chunk: int = 1 << 20, seeds: list[int] | None = None, keep_stop: bool = False,
+    prefill_len: int | None = None, cache_len: int | None = None,
 ) -> list[list[int]]:
-    """New tokens for each prompt (EOS not included), decoded on device in as few calls as `chunk` allows."""
+    """New tokens for each prompt, decoded on device in as few calls as `chunk` allows.
+
+    The stop token (EOS, or any of a tuple of stop ids) is not included unless `keep_stop`.
+    """
     out, counts = None, None
-    for out, counts in sample_chunks(params, c, prompts, s, eos_id, chunk, seeds):
+    for out, counts in sample_chunks(params, c, prompts, s, eos_id, chunk, seeds, keep_stop, prefill_len, cache_len):
         pass
     return [list(map(int, out[r, : counts[r]])) for r in range(len(prompts))]
 

@@ -7,8 +7,9 @@ on the valid split's stories, so val_loss / val_bpb are the response tokens' los
 
 Everything else is pretraining's loop (`run_training`): metrics.csv, loss.png,
 checkpoints, exact resume, final/, the mesh flags. The model config is the start
-checkpoint's; `sft.max_steps`, `sft.learning_rate` and `sft.warmup_steps` replace the
-training block's; batch size, seq_len and intervals are the training block's.
+checkpoint's; `sft.max_steps`, `sft.learning_rate`, `sft.warmup_steps` and `sft.seq_len`
+(default 512, capped at the model's positions) replace the training block's; batch
+size and intervals are the training block's.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ log = logging.getLogger(__name__)
 def sft_config(config: Config, start: Config) -> Config:
     """The config SFT trains with: the start checkpoint's model, the sft block's step count and learning rate."""
     s = config.sft
+    # whole stories fit 512 tokens far more often than pretraining's windows; never past the model's positions
+    seq_len = min(s.seq_len or config.training.seq_len, start.model.max_position_embeddings)
     training = dataclasses.replace(
-        config.training, max_steps=s.max_steps, learning_rate=s.learning_rate, warmup_steps=s.warmup_steps
+        config.training, max_steps=s.max_steps, learning_rate=s.learning_rate, warmup_steps=s.warmup_steps,
+        seq_len=seq_len,
     )
     return dataclasses.replace(config, model=start.model, training=training)
 

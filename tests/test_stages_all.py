@@ -1,0 +1,64 @@
+"""`dsjax run --stages all` end to end on a tiny budget: pretrain -> sft -> grpo -> export, each from the last one's final/."""
+
+import json
+
+import pytest
+
+from dsjax.cli import main
+
+# a micro model and a budget of a few steps per stage: the point is the plumbing, not the learning
+MICRO = {
+    "model": {
+        "vocab_size": 512, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64, "moe_intermediate_size": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8, "v_head_dim": 8, "n_routed_experts": 4, "n_group": 1, "topk_group": 1,
+        "max_position_embeddings": 256, "num_nextn_predict_layers": 0,
+    },
+    "training": {
+        "batch_size": 4, "seq_len": 64, "max_steps": 2, "log_interval": 1, "eval_interval": 2,
+        "checkpoint_interval": 2, "eval_batches": 1, "warmup_steps": 1,
+    },
+    "sft": {"max_steps": 2, "warmup_steps": 1, "seq_len": 96},
+    "grpo": {
+        "max_steps": 2, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 8, "eval_interval": 2,
+        "eval_prompts": 4, "samples_per_eval": 1,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tinystories_dir):
+    root = tmp_path_factory.mktemp("stages_all")
+    (root / "micro.json").write_text(json.dumps(MICRO))
+    flags = [
+        "--config", str(root / "micro.json"), "--data-dir", str(tinystories_dir), "--work-dir", str(root / "data"),
+        "--checkpoint-dir", str(root / "ck"), "--output-dir", str(root / "out"), "--run-name", "micro", "--gpus", "1",
+    ]
+    return root, flags
+
+
+def test_stages_all_runs_every_stage_from_the_last_ones_final(pipeline, capsys):
+    root, flags = pipeline
+    assert main(["run", "--stages", "all", *flags]) == 0
+    out = capsys.readouterr().out
+    for run in ("micro", "micro-sft", "micro-grpo"):
+        assert (root / "ck" / run / "final" / "params").is_dir(), run
+        assert (root / "out" / run / "metrics.csv").is_file(), run
+        assert (root / "out" / run / "loss.png").is_file(), run
+    assert (root / "out/micro-grpo/samples.jsonl").is_file()
+    assert (root / "out/micro-grpo/export/model.gguf").is_file()
+    assert (root / "out/micro-grpo/export/hf/config.json").is_file()
+    sft_state = json.loads((root / "ck/micro-sft/final/training_state.json").read_text())
+    assert sft_state["step"] == 2 and sft_state["data"]["start_params"].endswith("ck/micro/final")
+    for stage in ("pretrain", "sft", "grpo"):  # the closing table scores every stage
+        assert stage in out
+
+
+def test_rerun_skips_the_finished_stages_a_later_one_reuses(pipeline, capsys):
+    root, flags = pipeline
+    # pretrain and sft are done and grpo starts from them; grpo, the last, keeps the run-name promise
+    assert main(["run", "--stages", "pretrain,sft,grpo", *flags]) == 2
+    assert "run 'micro-grpo' already exists" in capsys.readouterr().err
+    # export alone takes the newest final/ there is
+    assert main(["run", "--stages", "export", "--export-format", "gguf", *flags]) == 0
+    assert "export: skipped" in capsys.readouterr().err  # model.gguf is there: not overwritten
