@@ -1,7 +1,7 @@
 """The `dsjax` command line: what users type.
 
     dsjax download  [--out data/stories] [--from PATH] [--max-stories N] [--version v1|v2]
-    dsjax run       [--model-size nano|tiny|small|medium] [--config FILE] [--stages data_prep,pretrain] ...
+    dsjax run       [--model-size nano|tiny|small|medium] [--config FILE] [--stages data_prep,pretrain|all|...] ...
     dsjax generate  --checkpoint checkpoints/<run>/final --prompt "Once upon a time"
     dsjax info      [--model-size ...] [--config FILE]
     dsjax export    --checkpoint checkpoints/<run>/final --format gguf|hf --out PATH [--dtype f32|f16|bf16|q8_0]
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import difflib
 import json
 import logging
 import math
@@ -766,6 +765,14 @@ RUN_EPILOG = """a run name is a promise:
   refuses other data (unless --allow-data-change), a config that changes the model,
   or a --max-steps at or below the checkpoint's step.
 
+stages:
+  all = data_prep,pretrain,sft,grpo,export. Each training stage has its own folders:
+  <run> (pretrain), <run>-sft (from <run>/final), <run>-grpo (from <run>-sft/final),
+  <run>-distill (a fresh student taught by --teacher). A stage whose final/ exists is
+  skipped when a later stage of the list starts from it (--overwrite trains it again);
+  the list's last training stage keeps the promise above. export writes the last
+  stage's final/ to outputs/<that run>/export/ (model.gguf, hf/).
+
 data:
   --data-dir DIR must hold train/stories.jsonl and valid/stories.jsonl (make them with
   `dsjax download --out DIR [--from PATH]`). Only the default data/stories is ever
@@ -782,7 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", allow_abbrev=False, help="run pipeline stages (data_prep, pretrain)", epilog=RUN_EPILOG + "\n\n" + EXIT_CODES,
+    run = sub.add_parser("run", allow_abbrev=False, help="run pipeline stages (data_prep, pretrain, sft, grpo, distill, export)", epilog=RUN_EPILOG + "\n\n" + EXIT_CODES,
         description="Run pipeline stages.", formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--backend", choices=RUN_BACKENDS, default="jax", help="modal: run on Modal GPUs (BUILD.md, Modal)")

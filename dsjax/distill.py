@@ -23,12 +23,11 @@ import jax
 
 from dsjax.config import Config
 from dsjax.data import layout
-from dsjax.data.pipeline import tokenize_split, train_dataset
 from dsjax.model import loss as losses
 from dsjax.model.transformer import forward_hidden, head_kernel
 from dsjax.train import checkpoint
 from dsjax.train.metrics import METRIC_COLUMNS
-from dsjax.train.loop import TrainingJob, run_tokenizer, run_training, story_eval_batches
+from dsjax.train.loop import TrainingJob, run_tokenizer, run_training, story_data, story_eval_batches
 from dsjax.train.runs import RunPaths
 
 log = logging.getLogger(__name__)
@@ -94,20 +93,14 @@ def distill(
     tokenizer = run_tokenizer(config, paths, resume)
     check_same_tokenizer(tokenizer.path, teacher_final)
     teacher_params, _, _ = checkpoint.load_final(teacher_final)
-    train_split = tokenize_split(layout.split_file(data_dir, "train"), tokenizer, Path(t.work_dir), "train")
-    valid_split = tokenize_split(layout.split_file(data_dir, "valid"), tokenizer, Path(t.work_dir), "valid")
-    valid_split.windows(t.seq_len)
+    data_iter, valid_split = story_data(config, tokenizer)
     log.info(
         "distill: student %s from teacher %s (T=%g, alpha=%g)",
         run_name, teacher_final, config.distill.temperature, config.distill.alpha,
     )
-    dataset = train_dataset(
-        train_split, t.seq_len, t.batch_size * t.gradient_accumulation_steps, t.seed,
-        jax.process_index(), jax.process_count(),
-    )
     job = TrainingJob(
         tokenizer=tokenizer,
-        data_iter=iter(dataset),
+        data_iter=data_iter,
         eval_batches=lambda: story_eval_batches(valid_split, config),
         data_record={
             **layout.fingerprints(data_dir),

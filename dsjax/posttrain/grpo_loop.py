@@ -42,7 +42,7 @@ from dsjax.posttrain.rollout import EVAL_STREAM, Completion, encode_prompts, rol
 from dsjax.progress import console, training_progress
 from dsjax.train import checkpoint, runs
 from dsjax.train.checkpoint import CheckpointError, with_shardings
-from dsjax.train.loop import TrainingDiverged
+from dsjax.train.loop import TrainingDiverged, checkpoint_store
 from dsjax.train.metrics import MetricsWriter
 from dsjax.train.optimizer import make_optimizer
 from dsjax.train.runs import RunPaths
@@ -116,17 +116,8 @@ def grpo(config: Config, run_name: str, start_final_dir: Path, resume: bool = Fa
     ref_params, final_config, tokenizer_path = checkpoint.load_final(Path(start_final_dir))
     config = dataclasses.replace(config, model=_model_config(final_config, config))
     paths = RunPaths.for_run(config, run_name)
-    store = checkpoint.CheckpointStore(paths.checkpoints, config.training.max_to_keep, config.training.keep_every)
-    try:
-        summary = _run(config, run_name, Path(start_final_dir), resume, paths, store, ref_params, tokenizer_path)
-    except BaseException:
-        try:
-            store.close()
-        except Exception as err:  # noqa: BLE001 - keep the original error in front
-            log.warning("while stopping: %s", err)
-        raise
-    store.close()
-    return summary
+    with checkpoint_store(config, paths) as store:
+        return _run(config, run_name, Path(start_final_dir), resume, paths, store, ref_params, tokenizer_path)
 
 
 def _run(config: Config, run_name: str, start_final: Path, resume: bool, paths: RunPaths, store, ref_params,

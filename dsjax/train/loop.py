@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -117,21 +118,11 @@ def pretrain(
     data_dir = Path(t.data_dir)
     data_prints = layout.fingerprints(data_dir)
     tokenizer = run_tokenizer(config, paths, resume)
-    train_split = tokenize_split(layout.split_file(data_dir, "train"), tokenizer, Path(t.work_dir), "train")
-    valid_split = tokenize_split(layout.split_file(data_dir, "valid"), tokenizer, Path(t.work_dir), "valid")
-    valid_split.windows(t.seq_len)  # a valid split too short for one window fails now, not at the first eval
-    log.info(
-        "data: %d train stories (%d tokens), %d valid stories (%d tokens)",
-        train_split.stories, len(train_split.tokens), valid_split.stories, len(valid_split.tokens),
-    )
+    data_iter, valid_split = story_data(config, tokenizer)
     data_record = {**data_prints, "tokenizer_sha256": layout.file_digest(tokenizer.path)}
-    dataset = train_dataset(
-        train_split, t.seq_len, t.batch_size * t.gradient_accumulation_steps, t.seed,
-        jax.process_index(), jax.process_count(),
-    )
     job = TrainingJob(
         tokenizer=tokenizer,
-        data_iter=iter(dataset),
+        data_iter=data_iter,
         eval_batches=lambda: story_eval_batches(valid_split, config),
         data_record=data_record,
         title=f"dsjax {run_name}",
@@ -146,10 +137,16 @@ def run_training(
     """The shared loop of every training stage: steps, evals, metrics, checkpoints, final/ and the plot."""
     paths = RunPaths.for_run(config, run_name)
     mesh, shape = distributed.setup_mesh(config, device_count)
+    with checkpoint_store(config, paths) as store:
+        return _train(config, run_name, resume, paths, job, store, mesh, shape, allow_data_change)
+
+
+@contextlib.contextmanager
+def checkpoint_store(config: Config, paths: RunPaths):
+    """The run's CheckpointStore; every exit path (normal end, error, signal) waits for the in-flight async save."""
     store = checkpoint.CheckpointStore(paths.checkpoints, config.training.max_to_keep, config.training.keep_every)
-    # every exit path (normal end, error, signal) waits for the in-flight async save
     try:
-        summary = _train(config, run_name, resume, paths, job, store, mesh, shape, allow_data_change)
+        yield store
     except BaseException:
         try:
             store.close()
@@ -157,7 +154,24 @@ def run_training(
             log.warning("while stopping: %s", err)
         raise
     store.close()
-    return summary
+
+
+def story_data(config: Config, tokenizer: Tokenizer):
+    """(the train batches' iterator, the valid split) of the stories in training.data_dir, tokenized (cached)."""
+    t = config.training
+    data_dir = Path(t.data_dir)
+    train_split = tokenize_split(layout.split_file(data_dir, "train"), tokenizer, Path(t.work_dir), "train")
+    valid_split = tokenize_split(layout.split_file(data_dir, "valid"), tokenizer, Path(t.work_dir), "valid")
+    valid_split.windows(t.seq_len)  # a valid split too short for one window fails now, not at the first eval
+    log.info(
+        "data: %d train stories (%d tokens), %d valid stories (%d tokens)",
+        train_split.stories, len(train_split.tokens), valid_split.stories, len(valid_split.tokens),
+    )
+    dataset = train_dataset(
+        train_split, t.seq_len, t.batch_size * t.gradient_accumulation_steps, t.seed,
+        jax.process_index(), jax.process_count(),
+    )
+    return iter(dataset), valid_split
 
 
 def start_state(config: Config, params, mesh):

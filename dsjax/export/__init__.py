@@ -1,0 +1,86 @@
+"""Export to llama.cpp (GGUF) and Hugging Face (DeepSeek-V3), and import back.
+
+    export_checkpoint(final_dir, "gguf" | "hf", out, dtype)   # the EXPORT stage and `dsjax export`
+    import_checkpoint(source, out, "hf" | "gguf")              # `dsjax import`
+
+Modules: hf_names (dsjax params <-> HF state dict), gguf_names (HF <-> GGUF tensors),
+hf_config (config.json both ways), spm_vocab (SentencePiece <-> GGUF vocabulary),
+safetensors_io, gguf_write, hf_write, imports. Every failure is an `ExportError` with
+one line naming the tensor, key, flag or file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from dsjax.export.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("gguf", "hf")
+DTYPES = {"gguf": ("f32", "f16", "bf16", "q8_0"), "hf": ("f32", "f16", "bf16")}
+
+__all__ = ["DTYPES", "FORMATS", "ExportError", "check_export", "export_checkpoint", "import_checkpoint"]
+
+
+def check_export(fmt: str, out: Path, dtype: str) -> None:
+    """Flags and the output path, before any array is read: never overwrite, never guess."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES[fmt]:
+        raise ExportError(f"--dtype {dtype} cannot be written for --format {fmt}; choose one of {', '.join(DTYPES[fmt])}")
+    check_out(out)
+
+
+def check_out(out: Path) -> None:
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        raise ExportError(f"--out {out} already exists; export and import never overwrite: choose another path or move it away")
+    if not out.absolute().parent.is_dir():
+        raise ExportError(f"--out {out}: its folder {out.absolute().parent} does not exist")
+
+
+def export_checkpoint(final_dir: Path, fmt: str, out: Path, dtype: str = "f32") -> tuple[Path, list[str]]:
+    """Write `final_dir` (a dsjax final/ folder) as a GGUF file or an HF folder at `out`.
+
+    Returns (out, warnings); warnings are also logged. Raises ExportError or CheckpointError.
+    """
+    from dsjax.train.checkpoint import load_final, read_final_config
+
+    final_dir, out = Path(final_dir), Path(out)
+    check_export(fmt, out, dtype)
+    config = read_final_config(final_dir)  # a clear error for a wrong folder, before any array is read
+    warnings: list[str] = []
+    if fmt == "gguf":
+        from dsjax.export.gguf_write import check_model, write_gguf
+
+        check_model(config.model)
+        params, config, tokenizer = load_final(final_dir)
+        write_gguf(params, config.model, tokenizer, out, dtype, name=_model_name(final_dir))
+    else:
+        from dsjax.export.hf_write import write_hf
+
+        params, config, tokenizer = load_final(final_dir)
+        warnings = write_hf(params, config.model, tokenizer, out, dtype)
+    for note in warnings:
+        log.warning("%s", note)
+    return out, warnings
+
+
+def import_checkpoint(source: Path, out: Path, fmt: str) -> Path:
+    """Write a dsjax final/ folder at `out` from an HF folder (fmt "hf") or a GGUF file (fmt "gguf")."""
+    from dsjax.export import imports
+
+    check_out(out)
+    if fmt == "hf":
+        return imports.import_hf(Path(source), Path(out))
+    if fmt == "gguf":
+        return imports.import_gguf(Path(source), Path(out))
+    raise ExportError(f"import format {fmt!r} is unknown; choose hf or gguf")
+
+
+def _model_name(final_dir: Path) -> str:
+    """general.name: the run's name (checkpoints/<run>/final), as the converter names a model by its folder."""
+    final_dir = Path(final_dir).absolute()
+    return final_dir.parent.name if final_dir.name == "final" else final_dir.name
