@@ -403,7 +403,10 @@ def run_export(final_dir: Path, out_dir: Path, args: argparse.Namespace) -> None
             for old, new in runs.move_aside([target]):
                 log.warning("--overwrite: moved %s to %s", old, new)
         out_dir.mkdir(parents=True, exist_ok=True)
-        export_checkpoint(final_dir, fmt, target, args.export_dtype or ("f16" if fmt == "gguf" else "f32"))
+        dtype = args.export_dtype or ("f16" if fmt == "gguf" else "f32")
+        if fmt == "hf" and dtype == "q8_0":
+            dtype = "f32"  # a GGUF quantisation: the safetensors folder stays full precision
+        export_checkpoint(final_dir, fmt, target, dtype)
         log.info("export: %s -> %s", final_dir, target)
 
 

@@ -23,7 +23,7 @@ def test_help_works_as_console_script_and_module():
     "args, message",
     [
         (["run", "--stages", "pretrian"], "unknown stage 'pretrian'; did you mean 'pretrain'"),
-        (["run", "--stages", "sft"], "stage 'sft' is not implemented yet"),
+        (["run", "--stages", "all,sft"], "--stages all already holds every stage; pass it alone"),
         (["run", "--backend", "mlx", "--tp-size", "2", "--dp-size", "1"], "--backend mlx runs on one device"),
         (["run", "--stages", "pretrain", "--data-dir", "/nonexistent/x"], "data folder /nonexistent/x does not exist"),
         (["run", "--max-steps", "0", "--stages", "pretrain"], "training.max_steps: must be > 0, got 0"),
