@@ -124,10 +124,10 @@ def sft(
     ChatTokens(tokenizer)  # a tokenizer from before the chat tokens were reserved is refused here
     train_examples = encode_examples(load_instructions(config, "train"), tokenizer, t.seq_len)
     valid_examples = encode_examples(load_instructions(config, "valid"), tokenizer, t.seq_len)
-    kept = float(np.mean(train_examples[1].sum(axis=1) > 0))
+    whole = float(np.mean(np.any(train_examples[0] == tokenizer.eos_id, axis=1)))  # </s> closes only a whole response
     log.info(
-        "sft: %d train and %d valid examples from %s (%.0f%% of responses start within seq_len=%d), starting from %s",
-        len(train_examples[0]), len(valid_examples[0]), config.sft.data or t.data_dir, 100 * kept, t.seq_len, start_final,
+        "sft: %d train and %d valid examples from %s (%.0f%% fit whole in seq_len=%d), starting from %s",
+        len(train_examples[0]), len(valid_examples[0]), config.sft.data or t.data_dir, 100 * whole, t.seq_len, start_final,
     )
     data_record = {
         **layout.fingerprints(Path(t.data_dir)),
