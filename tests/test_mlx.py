@@ -129,7 +129,10 @@ def test_same_20_step_run_on_real_data_with_both_backends(tmp_path, tinystories_
         "run", "--model-size", "nano", "--data-dir", str(tinystories_dir), "--work-dir", str(tmp_path / "data"),
         "--checkpoint-dir", str(tmp_path / "ck"), "--output-dir", str(tmp_path / "out"), "--batch-size", "4",
         "--seq-len", "32", "--max-steps", "20", "--log-interval", "1", "--eval-interval", "20", "--eval-batches", "2",
-        "--warmup-steps", "5", "--gpus", "1",
+        # half nano's peak rate: at 3e-3 on 128-token batches the two fp32 implementations' last-bit
+        # differences grow chaotically (4e-4 relative by step 17 on this sample), which says nothing
+        # about parity; each step's loss and gradients are held to tighter tolerances above
+        "--warmup-steps", "5", "--learning-rate", "1.5e-3", "--gpus", "1",
     ]
     assert main([*common, "--run-name", "jax"]) == 0
     assert main([*common, "--run-name", "mlx", "--backend", "mlx"]) == 0
