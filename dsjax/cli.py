@@ -33,6 +33,13 @@ from dsjax.stages import describe as describe_stages
 log = logging.getLogger("dsjax")
 
 BACKENDS = ("jax", "mlx")
+# flags that only a stage reads: refused when that stage is not in --stages
+STAGE_FLAGS = {
+    "sft": (("--sft-data", "sft_data"), ("--sft-steps", "sft_steps")),
+    "grpo": (("--grpo-steps", "grpo_steps"), ("--group-size", "group_size")),
+    "distill": (("--teacher", "teacher"), ("--distill-temperature", "distill_temperature"),
+                ("--distill-alpha", "distill_alpha")),
+}
 RUN_BACKENDS = (*BACKENDS, "modal")  # modal: `dsjax run` on Modal GPUs (launch/modal_h100.py)
 MODAL_FLAGS = ("nodes", "gpu_type", "timeout", "detach", "dry_run")  # flags only --backend modal takes
 
@@ -292,7 +299,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for old, new in runs.move_aside(to_move):
             log.warning("--overwrite: moved %s to %s", old, new)
     console.print_json(json.dumps({"run_name": run_name, "stages": stages, **config.to_dict()}))
-    for line in describe_stages(plans):
+    for line in describe_stages([p for p in plans if p.action != "skip"]):
         log.info(line)
     if "data_prep" in stages:
         if must_download:
@@ -339,6 +346,12 @@ def check_stage_flags(stages: list[str], config, args: argparse.Namespace, mesh_
             f"grpo.max_new_tokens: {config.grpo.max_new_tokens} leaves no room for a prompt within "
             f"model.max_position_embeddings={config.model.max_position_embeddings}"
         )
+    if "distill" in stages and mesh_total > 1:
+        raise UsageError(f"the distill stage runs on one device, but the mesh flags ask for {mesh_total}; drop them")
+    for stage, flags in STAGE_FLAGS.items():
+        given = [flag for flag, dest in flags if getattr(args, dest, None) is not None]
+        if given and stage not in stages:
+            raise UsageError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to the {stage} stage; add {stage} to --stages")
     if "distill" in stages:
         from dsjax.train.checkpoint import read_final_config
 
@@ -355,8 +368,12 @@ def check_stage_flags(stages: list[str], config, args: argparse.Namespace, mesh_
     for fmt in formats:
         if fmt not in ("gguf", "hf"):
             raise UsageError(f"--export-format: unknown format '{fmt}' (gguf, hf, or gguf,hf)")
+    if len(set(formats)) != len(formats):
+        raise UsageError(f"--export-format: a format is listed twice ({args.export_format})")
     if ("export" not in stages) and (args.export_format or args.export_dtype):
         raise UsageError("--export-format and --export-dtype apply to the export stage; add export to --stages")
+    if args.export_dtype == "q8_0" and "hf" in (formats or ["gguf", "hf"]):
+        raise UsageError("--export-dtype q8_0 is a GGUF type; add --export-format gguf, or pick f32, f16 or bf16")
 
 
 def run_stage(plan, config, args: argparse.Namespace) -> None:
@@ -390,22 +407,22 @@ def run_export(final_dir: Path, out_dir: Path, args: argparse.Namespace) -> None
     """The EXPORT stage: the chosen final/ as GGUF and/or Hugging Face files under outputs/<run>/export/."""
     from dsjax.export import export_checkpoint
 
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
     formats = _csv(args.export_format) or ["gguf", "hf"]
     targets = {"gguf": out_dir / "model.gguf", "hf": out_dir / "hf"}
     for fmt in formats:
         target = targets[fmt]
-        if target.exists() and not args.overwrite:
-            log.info("export: skipped, %s exists (--overwrite writes it again)", target)
+        current = target.exists() and target.stat().st_mtime >= final_dir.stat().st_mtime
+        if current and not args.overwrite:
+            log.info("export: skipped, %s exists and is newer than %s (--overwrite writes it again)", target, final_dir)
             continue
-        if target.exists():
+        if target.exists():  # older than the final/ it came from (a resumed stage), or --overwrite: moved aside
             from dsjax.train import runs
 
             for old, new in runs.move_aside([target]):
                 log.warning("--overwrite: moved %s to %s", old, new)
         out_dir.mkdir(parents=True, exist_ok=True)
         dtype = args.export_dtype or ("f16" if fmt == "gguf" else "f32")
-        if fmt == "hf" and dtype == "q8_0":
-            dtype = "f32"  # a GGUF quantisation: the safetensors folder stays full precision
         export_checkpoint(final_dir, fmt, target, dtype)
         log.info("export: %s -> %s", final_dir, target)
 
@@ -563,10 +580,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     sys.stdout.write("\n")
     sys.stdout.flush()
-    print(
-        f"[{stats['tokens']} tokens in {stats['seconds']:.2f}s with compilation; {stats['tokens_per_sec']:.1f} tokens/s after it]",
-        file=sys.stderr,
+    after = (
+        f"{stats['tokens_per_sec']:.1f} tokens/s after it" if stats["tokens_per_sec"] > 0
+        else "too few tokens to time the speed after it"  # every token came with the compiling calls
     )
+    print(f"[{stats['tokens']} tokens in {stats['seconds']:.2f}s with compilation; {after}]", file=sys.stderr)
     return 0
 
 

@@ -37,8 +37,9 @@ def check_out(out: Path) -> None:
     out = Path(out)
     if out.exists() or out.is_symlink():
         raise ExportError(f"--out {out} already exists; export and import never overwrite: choose another path or move it away")
-    if not out.absolute().parent.is_dir():
-        raise ExportError(f"--out {out}: its folder {out.absolute().parent} does not exist")
+    parent = out.absolute().parent
+    if parent.exists() and not parent.is_dir():
+        raise ExportError(f"--out {out}: {parent} is a file, not a folder")
 
 
 def export_checkpoint(final_dir: Path, fmt: str, out: Path, dtype: str = "f32") -> tuple[Path, list[str]]:
@@ -50,6 +51,7 @@ def export_checkpoint(final_dir: Path, fmt: str, out: Path, dtype: str = "f32") 
 
     final_dir, out = Path(final_dir), Path(out)
     check_export(fmt, out, dtype)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)  # e.g. exports/<run>/ (never out itself)
     config = read_final_config(final_dir)  # a clear error for a wrong folder, before any array is read
     warnings: list[str] = []
     if fmt == "gguf":

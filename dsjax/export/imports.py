@@ -212,6 +212,8 @@ def import_gguf(path: Path, out: Path) -> Path:
     from gguf import GGUFReader
 
     path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"{path} is a folder; --from-gguf takes a .gguf file (--from-hf takes a folder)")
     if not path.is_file():
         raise ExportError(f"{path} does not exist")
     try:

@@ -286,7 +286,7 @@ def _run(config: Config, run_name: str, start_final: Path, resume: bool, paths: 
 
 
 def _check_resume(folder: Path, step: int, saved_config: dict, config: Config) -> None:
-    runs.check_max_steps(step, folder, config.grpo.max_steps)
+    runs.check_max_steps(step, folder, config.grpo.max_steps, "--grpo-steps")
     saved = (saved_config or {}).get("grpo", {})
     current = config.to_dict()["grpo"]
     changed = [

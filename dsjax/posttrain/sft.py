@@ -148,6 +148,7 @@ def sft(
         data_record=data_record,
         objective=sft_objective,
         init_params=params,
+        steps_flag="--sft-steps",
         title=f"dsjax {run_name} (SFT from {Path(start_final).parent.name})",
     )
     return run_training(config, run_name, job, resume, device_count, allow_data_change)

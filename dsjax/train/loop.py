@@ -89,6 +89,7 @@ class TrainingJob:
     init_params: Any = None  # start from these weights (canonical layout) instead of a fresh init
     title: str = "dsjax"
     metric_columns: list[str] | None = None  # metrics.csv columns (default: pretraining's)
+    steps_flag: str = "--max-steps"  # the flag that sets this stage's step count (for messages)
 
 
 def _mean_metrics(pending: list[dict]) -> dict[str, float]:
@@ -217,7 +218,7 @@ def _train(config, run_name, resume, paths, job: TrainingJob, store, mesh, shape
         else:
             step, (state, iter_state, saved, _) = found
             folder = checkpoint.step_dir(paths.checkpoints, step)
-            runs.check_max_steps(step, folder, t.max_steps)
+            runs.check_max_steps(step, folder, t.max_steps, job.steps_flag)
             changed = runs.check_same_data(saved, folder, data_record, allow_data_change)
             _check_same_tokenizer(saved, folder, data_record)
             state = to_train(state)

@@ -142,11 +142,12 @@ def check_nothing_to_lose(paths: RunPaths, run_name: str) -> None:
         )
 
 
-def check_max_steps(step: int, folder: Path, max_steps: int) -> None:
+def check_max_steps(step: int, folder: Path, max_steps: int, flag: str = "--max-steps") -> None:
+    """`flag` is the stage's step-count flag (--max-steps, --sft-steps, --grpo-steps)."""
     if max_steps <= step:
         raise RunError(
-            f"--resume: {folder} is at step {step} and max_steps is {max_steps}; nothing to train. Raise --max-steps "
-            f"above {step} to continue (or generate from {Path(folder).parent / 'final'})"
+            f"--resume: {folder} is at step {step} and the stage's step count is {max_steps}; nothing to train. "
+            f"Raise {flag} above {step} to continue (or generate from {Path(folder).parent / 'final'})"
         )
 
 
