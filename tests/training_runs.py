@@ -1,8 +1,10 @@
-"""A short training run shared by the mesh and pipeline tests: one device against a mesh."""
+"""Helpers shared by tests: a short training run (one device against a mesh), params made on the host."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from dsjax.model import abstract_params
 from dsjax.train.step import batch_sharding, init_state, make_train_step, pipeline_stages, state_shardings_for
 
 
@@ -22,3 +24,15 @@ def twenty_steps(config, mesh=None):
         state, metrics = step(state, place(pair[i % 2]))
         losses.append(float(metrics["loss"]))
     return losses, state
+
+
+def host_init(c, seed):
+    """Random params made on the host (no init program to compile): normal(0, 0.02), norm scales at 1."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, shape):
+        if getattr(path[-1], "key", None) == "scale":
+            return jnp.ones(shape.shape, jnp.float32)
+        return jnp.asarray(0.02 * rng.standard_normal(shape.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract_params(c))
