@@ -314,7 +314,7 @@ def test_cli_exports_and_refuses(finals, tmp_path, capsys):
          "invalid choice"),
         (["export", "--checkpoint", final, "--format", "onnx", "--out", str(tmp_path / "x")], 2, "invalid choice"),
         (["export", "--checkpoint", str(tmp_path / "nope"), "--format", "hf", "--out", str(tmp_path / "h")], 4, "does not exist"),
-        (["export", "--checkpoint", final, "--format", "hf", "--out", str(tmp_path / "no" / "h")], 2, "does not exist"),
+        (["export", "--checkpoint", final, "--format", "hf", "--out", str(out / "h")], 2, "is a file, not a folder"),
         (["import", "--from-gguf", str(out), "--out", final], 2, "already exists"),
         (["import", "--from-hf", str(tmp_path), "--out", str(tmp_path / "f")], 2, "has no config.json"),
         (["import", "--from-gguf", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "f")], 2, "does not exist"),
@@ -327,6 +327,7 @@ def test_cli_exports_and_refuses(finals, tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert out.stat().st_size == size  # the refused export left the file alone
     assert not (tmp_path / "h").exists() and not (tmp_path / "f").exists()
+    assert main(["import", "--from-gguf", str(out), "--out", str(tmp_path / "new" / "run" / "final")]) == 0  # makes its folder
     assert main(["import", "--from-gguf", str(out), "--out", str(tmp_path / "f")]) == 0
     assert "dsjax generate --checkpoint" in capsys.readouterr().out
     assert load_final(tmp_path / "f")[1].model.num_nextn_predict_layers == 0
