@@ -344,6 +344,16 @@ def config_from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
     return config
 
 
+def _check_signs(positive: dict[str, float], non_negative: dict[str, float]) -> None:
+    """ConfigError naming the first key of `positive` that is <= 0, or of `non_negative` that is < 0."""
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+
+
 def validate(config: Config) -> None:
     """Raise ConfigError for the first impossible value, naming the key."""
     m, t, d = config.model, config.training, config.distributed
@@ -371,9 +381,6 @@ def validate(config: Config) -> None:
         "training.log_interval": t.log_interval,
         "training.max_to_keep": t.max_to_keep,
     }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {value}")
     non_negative = {
         "model.n_routed_experts": m.n_routed_experts,
         "model.n_shared_experts": m.n_shared_experts,
@@ -389,9 +396,7 @@ def validate(config: Config) -> None:
         "training.keep_every": t.keep_every,
         "training.seed": t.seed,
     }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    _check_signs(positive, non_negative)
     if m.q_lora_rank is not None and m.q_lora_rank <= 0:
         raise ConfigError(f"model.q_lora_rank: must be > 0 or null (no query compression), got {m.q_lora_rank}")
     if m.qk_rope_head_dim % 2:
@@ -476,9 +481,6 @@ def _validate_post_training(config: Config) -> None:
         "grpo.eval_prompts": g.eval_prompts,
         "distill.temperature": k.temperature,
     }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {value}")
     non_negative = {
         "sft.warmup_steps": s.warmup_steps,
         "sft.seq_len": s.seq_len,
@@ -492,9 +494,7 @@ def _validate_post_training(config: Config) -> None:
         "grpo.min_words": g.min_words,
         "grpo.samples_per_eval": g.samples_per_eval,
     }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    _check_signs(positive, non_negative)
     if g.group_size < 2:
         raise ConfigError(f"grpo.group_size: advantages are relative to the group, so it needs >= 2 samples, got {g.group_size}")
     if g.min_words > g.max_words:
