@@ -582,7 +582,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     after = (
         f"{stats['tokens_per_sec']:.1f} tokens/s after it" if stats["tokens_per_sec"] > 0
-        else "too few tokens to time the speed after it"  # every token came with the compiling calls
+        else "too few tokens after compiling to measure tokens/s"  # every token came with the compiling calls
     )
     print(f"[{stats['tokens']} tokens in {stats['seconds']:.2f}s with compilation; {after}]", file=sys.stderr)
     return 0

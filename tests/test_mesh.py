@@ -70,7 +70,8 @@ def test_loss_and_every_gradient_match_one_device(name, reference):
         assert err <= GRAD_RTOL, f"{name}: {jax.tree_util.keystr(path)} differs by {err:.2e}"
 
 
-@pytest.mark.parametrize("name", ["dp2_tp2_ep2", "tp2_sp2_ep2"])
+# tp2_sp2_ep2's curve runs with `-m slow` (CI budget); its loss and every gradient are checked above
+@pytest.mark.parametrize("name", ["dp2_tp2_ep2", pytest.param("tp2_sp2_ep2", marks=pytest.mark.slow)])
 def test_twenty_training_steps_match_one_device(name):
     config = mesh_config(MESHES[name])
     ref, _ = twenty_steps(BASE)

@@ -108,7 +108,9 @@ def test_loss_and_every_gradient_match_one_device(name, references):
         assert err <= GRAD_RTOL, f"{name}: {jax.tree_util.keystr(path)} differs by {err:.2e}"
 
 
-@pytest.mark.parametrize("name", ["pp2_ep2_sp2_r2_m2", "pp4_dp2_m4"])
+# pp4_dp2_m4's curve is kept for `-m slow` (CI budget): its every gradient is checked against one
+# device above, and the CLI test below trains and resumes a pipeline end to end
+@pytest.mark.parametrize("name", ["pp2_ep2_sp2_r2_m2", pytest.param("pp4_dp2_m4", marks=pytest.mark.slow)])
 def test_twenty_training_steps_match_one_device(name):
     variant, sizes, M, R = CASES[name]
     base, config = VARIANTS[variant], case_config(variant, sizes, M, R)
