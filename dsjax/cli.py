@@ -751,13 +751,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     configs = [read_final_config(Path(folder)) for folder in args.checkpoint]  # every folder before any work
     data_dir = Path(args.data_dir or configs[0].training.data_dir)
-    try:
-        layout.check_data_dir(data_dir, may_download=False)
-    except layout.DataError as err:  # `eval` has no data_prep stage: point at what it does have
-        raise layout.DataError(
-            f"{str(err).split('; add the data_prep stage')[0]}; eval reads the valid stories: pass --data-dir DIR "
-            "(a folder with valid/stories.jsonl, e.g. tests/data/tinystories)"
-        ) from None
+    layout.check_data_dir(data_dir, may_download=False, has_data_prep=False)
     changes = {"prompts": args.prompts, "samples": args.samples, "temperature": args.temperature}
     for key in ("seed", "max_new_tokens"):
         if getattr(args, key) is not None:

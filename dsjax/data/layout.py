@@ -44,10 +44,11 @@ def make_command(data_dir: Path) -> str:
     return f"`dsjax download --out {data_dir}` (TinyStories from the hub) or `dsjax download --out {data_dir} --from PATH` (local files)"
 
 
-def check_data_dir(data_dir: Path, may_download: bool) -> bool:
+def check_data_dir(data_dir: Path, may_download: bool, has_data_prep: bool = True) -> bool:
     """True when the run must download TinyStories into the default folder first; else the data is usable.
 
     Raises DataError naming the missing or empty file and the command that makes it.
+    `has_data_prep`: the command has a data_prep stage to suggest (`run`; not `eval`).
     """
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
@@ -61,8 +62,9 @@ def check_data_dir(data_dir: Path, may_download: bool) -> bool:
         if may_download:
             return True
         raise DataError(
-            f"no data at {data_dir} (missing {missing[0]}); add the data_prep stage to download TinyStories there, "
-            f"make it with {make_command(data_dir)}, or pass --data-dir"
+            f"no data at {data_dir} (missing {missing[0]}); "
+            + ("add the data_prep stage to download TinyStories there, " if has_data_prep else "")
+            + f"make it with {make_command(data_dir)}, or pass --data-dir"
         )
     if not data_dir.is_dir():
         raise DataError(f"data folder {data_dir} does not exist; make it with {make_command(data_dir)}")
