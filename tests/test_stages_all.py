@@ -50,8 +50,11 @@ def test_stages_all_runs_every_stage_from_the_last_ones_final(pipeline, capsys):
     assert (root / "out/micro-grpo/export/hf/config.json").is_file()
     sft_state = json.loads((root / "ck/micro-sft/final/training_state.json").read_text())
     assert sft_state["step"] == 2 and sft_state["data"]["start_params"].endswith("ck/micro/final")
-    for stage in ("pretrain", "sft", "grpo"):  # the closing table scores every stage
-        assert stage in out
+    # the closing table scores every stage and the differences between consecutive ones
+    assert "sft - pretrain" in out and "grpo - sft" in out
+    table = out[out.index("checkpoint "):]
+    for stage in ("pretrain", "sft", "grpo"):
+        assert any(line.startswith(stage + " ") for line in table.splitlines()), stage
 
 
 def test_rerun_skips_the_finished_stages_a_later_one_reuses(pipeline, capsys):
