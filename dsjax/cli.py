@@ -26,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from dsjax.config import MODEL_SIZES, ConfigError, load_config
+from dsjax.config import MODEL_SIZES, ConfigError, config_choices, load_config
 from dsjax.stages import TRAINING_STAGES, export_source, parse_stages, plan_stages
 from dsjax.stages import describe as describe_stages
 
@@ -644,12 +644,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(f"--batch-size/--grad-accum/--seq-len take integers or comma lists: {err}") from None
     moes, attns, remats = _csv(args.moe), _csv(args.attention), _csv(args.remat)
-    for value in moes:
-        if value not in ("auto", "dense", "ragged", "blocked", "pallas"):
-            raise UsageError(f"--moe: unknown path '{value}' (auto, dense, ragged, blocked, pallas)")
-    for value in attns:
-        if value not in ("auto", "xla", "cudnn", "pallas"):
-            raise UsageError(f"--attention: unknown path '{value}' (auto, xla, cudnn, pallas)")
+    for flag, key, values in (("--moe", "model.moe_impl", moes), ("--attention", "model.attention_impl", attns)):
+        allowed = config_choices(key)
+        for value in values:
+            if value not in allowed:
+                raise UsageError(f"{flag}: unknown path '{value}' ({', '.join(allowed)})")
     if args.steps <= 0 or args.warmup < 0:
         raise UsageError(f"--steps must be > 0 and --warmup >= 0, got {args.steps} and {args.warmup}")
     cases = []
@@ -846,14 +845,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--seed", type=int)
     run.add_argument(
-        "--moe", choices=("auto", "dense", "ragged", "blocked", "pallas"),
+        "--moe", choices=config_choices("model.moe_impl"),
         help="routed-expert compute path (model.moe_impl; default auto = the measured fastest: pallas on GPU, blocked on CPU)",
     )
     run.add_argument(
-        "--attention", choices=("auto", "xla", "cudnn", "pallas"),
-        help="training attention path (model.attention_impl): xla = jnp reference, cudnn = cuDNN flash "
-        "attention (GPU, bf16), pallas = our flash kernel (Triton on GPU, interpreted on CPU); "
-        "default auto = the measured fastest (xla on CPU, cudnn on GPU)",
+        "--attention", choices=config_choices("model.attention_impl"),
+        help="training attention path (model.attention_impl): xla = jnp reference, blocked = jnp in "
+        "causal query blocks, cudnn = cuDNN flash attention (GPU, bf16), pallas = our flash kernel "
+        "(Triton on GPU, interpreted on CPU); default auto = the measured fastest (blocked on CPU, cudnn on GPU)",
     )
     run.add_argument("--verbose", action="store_true", help="debug logging (or set LOG_LEVEL)")
     post = run.add_argument_group("post-training, distillation and export stages")
@@ -939,7 +938,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--config", metavar="FILE", help="JSON config layered over the size preset")
     bn.add_argument("--backend", choices=BACKENDS, default="jax")
     bn.add_argument("--moe", help="MoE path(s): auto,dense,ragged,blocked,pallas (comma list)")
-    bn.add_argument("--attention", help="attention path(s): auto,xla,cudnn,pallas (comma list)")
+    bn.add_argument("--attention", help="attention path(s): auto,xla,blocked,cudnn,pallas (comma list)")
     bn.add_argument("--remat", help="rematerialisation policy(ies): none,full,save_dots (model.remat; comma list)")
     bn.add_argument("--batch-size", help="sequences per micro-batch (comma list)")
     bn.add_argument("--grad-accum", help="micro-batches per optimizer step (comma list)")

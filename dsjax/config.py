@@ -87,7 +87,7 @@ class ModelConfig:
     remat: str = "none"
     # compute paths (same function, different speed; free to change on --resume)
     moe_impl: str = "auto"  # auto | dense | ragged | blocked | pallas: how routed experts are computed
-    attention_impl: str = "auto"  # auto | xla | cudnn | pallas: causal attention of the training path
+    attention_impl: str = "auto"  # auto | xla | blocked | cudnn | pallas: causal attention of the training path
 
     @property
     def qk_head_dim(self) -> int:
@@ -240,12 +240,17 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.moe_impl": ("auto", "dense", "ragged", "blocked", "pallas"),
     "model.remat": ("none", "full", "save_dots"),
-    "model.attention_impl": ("auto", "xla", "cudnn", "pallas"),
+    "model.attention_impl": ("auto", "xla", "blocked", "cudnn", "pallas"),
     "model.rope_scaling.type": ("yarn",),
     "training.lr_schedule": ("cosine", "wsd", "constant"),
     "distributed.ep_dispatch": ("mask", "all_to_all"),
     "grpo.loss_aggregation": ("grpo", "dr_grpo", "dapo"),
 }
+
+
+def config_choices(key: str) -> tuple[str, ...]:
+    """The allowed values of a string setting ("section.field"), for command-line flags."""
+    return _CHOICES[key]
 
 _BLOCKS: dict[str, type] = {
     "model": ModelConfig,

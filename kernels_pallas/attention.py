@@ -1,8 +1,11 @@
-"""Causal attention for MLA's training path: one entry point, three implementations.
+"""Causal attention for MLA's training path: one entry point, four implementations.
 
 `causal_attention(q, k, v, scale, q_offset, impl)` runs
 - `xla`: `attention_reference`, plain jnp over a full [B, H, T, S] fp32 score tensor
   (the model's original code, and the reference every other path is tested against);
+- `blocked`: `blocked_causal_attention`, plain jnp in query blocks that skip the keys
+  above the diagonal (kernels_pallas/blocked_attention.py); CPU's default. It takes
+  q_offset 0 and unsplit sequences; anything else runs the reference (same function);
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` with v zero-padded to
   the qk head dim (JAX refuses unequal head dims there) and the output sliced back;
 - `pallas`: `flash_attention`, our Pallas kernel (kernels_pallas/flash_attention.py);
@@ -24,19 +27,24 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from kernels_pallas.blocked_attention import BLOCK_Q, blocked_causal_attention
 from kernels_pallas.flash_attention import MAX_HEAD_DIM, flash_attention
 
-__all__ = ["AUTO_IMPL", "attention_reference", "causal_attention", "cudnn_attention", "flash_attention", "resolve_impl"]
+__all__ = [
+    "AUTO_IMPL", "attention_reference", "blocked_causal_attention", "causal_attention", "cudnn_attention",
+    "flash_attention", "resolve_impl",
+]
 
 log = logging.getLogger(__name__)
 
-IMPLS = ("xla", "cudnn", "pallas")
+IMPLS = ("xla", "blocked", "cudnn", "pallas")
 # THE measured default per platform (jax.default_backend()); anything not listed uses the reference.
 # gpu (H200, bf16, forward + backward, BENCHMARKS.md): small's heads at T 512, xla 1.62 ms, cudnn 0.55,
 # pallas 0.43 (tiles tuned by the sweep); at T 2048, xla 4.30, cudnn 1.08, pallas 1.07. cudnn stays the
 # default until a whole train step with the tuned pallas tiles has been measured (`dsjax bench
 # --attention cudnn,pallas`): with them only the kernel alone was timed; cudnn's step was measured.
-AUTO_IMPL = {"cpu": "xla", "gpu": "cudnn"}
+# cpu (2-core, fp32, nano's heads at T 256, forward + backward): xla 53.8 ms, blocked 30.4 ms.
+AUTO_IMPL = {"cpu": "blocked", "gpu": "cudnn"}
 
 _logged: set[tuple[str, str]] = set()
 
@@ -163,6 +171,12 @@ def causal_attention(q_BHTK, k_BHSK, v_BHSV, scale, q_offset=0, impl: str = "aut
     if impl == "xla":
         return attention_reference(q_BHTK, k_BHSK, v_BHSV, scale, q_offset)
     layout = _mesh_layout(q_BHTK, spec)
+    if impl == "blocked":
+        T, S = q_BHTK.shape[2], k_BHSK.shape[2]
+        if T != S or not _is_zero(q_offset) or (layout is not None and layout[4]):
+            # a query offset or a sequence split over devices: the same function, unblocked
+            return attention_reference(q_BHTK, k_BHSK, v_BHSV, scale, q_offset)
+        return blocked_causal_attention(q_BHTK, k_BHSK, v_BHSV, scale, BLOCK_Q if T % BLOCK_Q == 0 else T)
     reason = _unsupported(impl, q_BHTK, k_BHSK, v_BHSV, q_offset, sequence_split=bool(layout and layout[4]))
     if reason is not None:
         _log_once(impl, reason)

@@ -75,6 +75,40 @@ def test_kernel_output_and_grads_match_reference(name):
             assert err <= BF16_REL, f"{name}: {label} relative diff {err:.2e}"
 
 
+# (B, H, T, Kq, Kv, dtype, block_q): T 256 in blocks of 64 (CPU's default), uneven head dims
+BLOCKED_CASES = {
+    "T256_q64": (2, 2, 256, 48, 32, jnp.float32, 64),
+    "T96_q32": (1, 3, 96, 96, 64, jnp.float32, 32),
+    "T128_q64_bf16": (2, 2, 128, 48, 32, jnp.bfloat16, 64),
+}
+
+
+@pytest.mark.parametrize("name", list(BLOCKED_CASES))
+def test_blocked_output_and_grads_match_reference(name):
+    B, H, T, Kq, Kv, dtype, block_q = BLOCKED_CASES[name]
+    q, k, v, do = _inputs(B, H, T, T, Kq, Kv, dtype)
+    scale = Kq**-0.5
+    blocked = jax.jit(lambda *a: _value_and_vjp(lambda q, k, v: attn.blocked_causal_attention(q, k, v, scale, block_q), *a))
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    reference = jax.jit(lambda *a: _value_and_vjp(lambda q, k, v: attention_reference(q, k, v, scale), *a))
+    for label, got, want in zip(("out", "dq", "dk", "dv"), blocked(q, k, v, do), reference(*f32)):
+        assert got.dtype == dtype and got.shape == want.shape, label
+        got = got.astype(jnp.float32)
+        if dtype == jnp.float32:
+            err = float(jnp.max(jnp.abs(got - want)))
+            assert err <= FP32_ABS, f"{name}: {label} max abs diff {err:.2e}"
+        else:
+            err = float(jnp.linalg.norm((got - want).ravel()) / jnp.linalg.norm(want.ravel()))
+            assert err <= BF16_REL, f"{name}: {label} relative diff {err:.2e}"
+
+
+def test_blocked_takes_only_unshifted_whole_sequences():
+    """A query offset runs the reference (blocks assume queries start at key 0)."""
+    q, k, v, _ = _inputs(1, 2, 64, 96, 48, 32, jnp.float32)
+    got = causal_attention(q, k, v, 0.2, q_offset=32, impl="blocked")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(attention_reference(q, k, v, 0.2, 32)))
+
+
 def _gpu_head_shapes():
     """(heads, qk head dim, v head dim) of every size we train, deduplicated by head dims."""
     shapes = {}
@@ -113,7 +147,7 @@ def test_triton_lowering_for_cuda(H, T, S, Kq, Kv, dtype):
 
 
 def test_dispatch_auto_and_fallbacks(caplog):
-    assert attn.resolve_impl("auto", "cpu") == "xla"  # the reference is the fastest on CPU
+    assert attn.resolve_impl("auto", "cpu") == "blocked"  # measured fastest on CPU
     assert attn.resolve_impl("auto", "gpu") == attn.AUTO_IMPL["gpu"] in attn.IMPLS
     assert attn.resolve_impl("auto", "tpu") == "xla"
     with pytest.raises(ValueError, match="attention impl 'flash' is not one of"):
@@ -163,6 +197,15 @@ def test_nano_loss_and_every_gradient_pallas_equals_xla(xla_reference):
     params, window, want = xla_reference
     c = dataclasses.replace(BASE.model, attention_impl="pallas")
     _assert_close(_loss_and_grads(c, params, window), want, "pallas")
+
+
+def test_nano_loss_and_every_gradient_blocked_equals_xla():
+    """CPU's default path on a sequence of two 64-row blocks, the whole model and MTP."""
+    c = dataclasses.replace(BASE.model, attention_impl="xla")
+    params = model.init(c, jax.random.key(0))
+    window = jax.random.randint(jax.random.key(1), (2, 129), 0, c.vocab_size)
+    want = _loss_and_grads(c, params, window)
+    _assert_close(_loss_and_grads(dataclasses.replace(c, attention_impl="blocked"), params, window), want, "blocked")
 
 
 def test_sp2_tp2_mesh_with_the_kernel_equals_one_device(xla_reference):

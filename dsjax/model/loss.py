@@ -11,6 +11,18 @@ from dsjax.model.transformer import forward, forward_hidden, head_kernel
 
 # fp32 logits a chunk may hold: 2**27 values = 512 MiB (4,096 tokens at a 32,000 vocabulary)
 CHUNK_LOGITS = 2**27
+# on CPU, chunks of 256 tokens whatever the vocabulary: a chunk's logits then stay in cache, and
+# the remade head matmul costs less than the memory traffic of whole logits (2-core CPU, head +
+# cross-entropy forward + backward of 4,096 tokens: 128 -> 83 ms at vocab 4,096, 389 -> 305 ms
+# at 8,192, 975 -> 854 ms at 32,000; smaller chunks were slower at 8,192 and 32,000; BENCHMARKS.md)
+CPU_CHUNK_TOKENS = 256
+
+
+def default_chunk_tokens(n_tokens: int, vocab: int, logits_per_token: int = 1) -> int:
+    """Tokens per chunk of the chunked head: a memory budget on accelerators, cache-sized on CPU."""
+    if jax.default_backend() == "cpu":
+        return max(1, min(n_tokens, CPU_CHUNK_TOKENS))
+    return max(1, min(n_tokens, CHUNK_LOGITS // (logits_per_token * vocab)))
 
 
 def token_cross_entropy(logits_BTV, targets_BT):
@@ -33,14 +45,13 @@ def chunked_head_nll(h_BTD, norm_scale, head_DV, targets_BT, weight_BT, c: Model
     Tokens are split into chunks of `chunk_tokens`; each chunk's logits are made,
     reduced to its weighted NLL and dropped, and `jax.checkpoint` makes the backward
     pass remake them chunk by chunk instead of saving them (with a single chunk,
-    nothing is remade: the logits are within budget and recomputing them costs a
-    third more head FLOPs). Same value and gradients
+    nothing is remade). Chunk size: `default_chunk_tokens`. Same value and gradients
     as `token_cross_entropy` over full logits (summation order aside).
     """
     B, T, D = h_BTD.shape
     V = head_DV.shape[1]
     N = B * T
-    C = chunk_tokens or max(1, min(N, CHUNK_LOGITS // V))
+    C = chunk_tokens or default_chunk_tokens(N, V)
     n = -(-N // C)
     pad = n * C - N
     h_ND = jnp.pad(h_BTD.reshape(N, D), ((0, pad), (0, 0)))
@@ -53,8 +64,8 @@ def chunked_head_nll(h_BTD, norm_scale, head_DV, targets_BT, weight_BT, c: Model
         nll_C = token_cross_entropy(logits_CV, t_C)
         return jnp.sum(nll_C * w_C)
 
-    # one chunk (every token's logits fit the budget, as for nano on CPU): keep them for the
-    # backward pass like the plain path; several: remake each chunk's logits there instead
+    # one chunk (every token's logits fit the budget): keep them for the backward pass like
+    # the plain path; several: remake each chunk's logits there instead
     chunk_fn = jax.checkpoint(chunk_nll) if n > 1 else chunk_nll
 
     def body(total, chunk):
@@ -78,7 +89,7 @@ def chunked_head_kl(
     B, T, D = h_BTD.shape
     V = head_DV.shape[1]
     N = B * T
-    C = chunk_tokens or max(1, min(N, CHUNK_LOGITS // (2 * V)))  # two models' logits per chunk
+    C = chunk_tokens or default_chunk_tokens(N, V, logits_per_token=2)  # two models' logits per chunk
     n = -(-N // C)
     pad = n * C - N
     h_ND = jnp.pad(h_BTD.reshape(N, D), ((0, pad), (0, 0)))

@@ -36,7 +36,7 @@ import optax
 from dsjax import model
 from dsjax.config import ModelConfig, TrainingConfig
 from dsjax.model.layers import rms_norm
-from dsjax.model.loss import CHUNK_LOGITS
+from dsjax.model.loss import default_chunk_tokens
 from dsjax.model.transformer import forward_hidden, head_kernel
 from dsjax.train.optimizer import lr_schedule, make_optimizer
 from dsjax.train.step import TrainState
@@ -96,7 +96,7 @@ def token_logprobs(params, tokens_BL, c: ModelConfig, chunk_tokens: int | None =
     head_DV = head_kernel(params, c)
     D, V = h_BTD.shape[-1], head_DV.shape[1]
     N = B * T
-    C = chunk_tokens or max(1, min(N, CHUNK_LOGITS // V))
+    C = chunk_tokens or default_chunk_tokens(N, V)
     n = -(-N // C)
     pad = n * C - N
     h_nCD = jnp.pad(h_BTD.reshape(N, D), ((0, pad), (0, 0))).reshape(n, C, D)

@@ -18,7 +18,9 @@ as `corrupt_step_N`, never deleting it) any step that fails to restore.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import re
@@ -229,7 +231,8 @@ class CheckpointStore:
                     f"model or its training data: {', '.join(differences)}. Use a new --run-name, or restore these values."
                 )
             try:
-                return step, self.restore(step, abstract_state)
+                with _quiet_failed_reads():
+                    return step, self.restore(step, abstract_state)
             except Exception as err:  # noqa: BLE001
                 self._set_aside(step, err)
         return None
@@ -324,6 +327,26 @@ def read_final_config(final_dir: Path) -> Config:
     return load_config_json(final_dir / "config.json")
 
 
+class _DropUnretrievedTaskErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Task exception was never retrieved")
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+    """A failed restore leaves orbax's other read tasks holding exceptions nobody retrieves;
+    when they are collected, asyncio logs each with a traceback. We report the failure in
+    one line ourselves, so collect them here, with that log record dropped."""
+    asyncio_log = logging.getLogger("asyncio")
+    drop = _DropUnretrievedTaskErrors()
+    asyncio_log.addFilter(drop)
+    try:
+        yield
+    finally:
+        gc.collect()
+        asyncio_log.removeFilter(drop)
+
+
 def load_final(final_dir: Path):
     """(params, config, tokenizer path) from a final/ folder; CheckpointError (one line) when it cannot be read."""
     from dsjax import model
@@ -332,7 +355,8 @@ def load_final(final_dir: Path):
     config = read_final_config(final_dir)
     abstract = model.abstract_params(config.model)
     try:
-        params = ocp.StandardCheckpointer().restore(final_dir / "params", abstract)
+        with _quiet_failed_reads():
+            params = ocp.StandardCheckpointer().restore(final_dir / "params", abstract)
     except Exception as err:  # noqa: BLE001 - truncated, missing or mismatched arrays: one clear line
         raise CheckpointError(f"cannot read the parameters in {final_dir / 'params'} ({short_error(err)})") from None
     return params, config, final_dir / "tokenizer.model"
