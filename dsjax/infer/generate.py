@@ -69,7 +69,23 @@ def sample_token(logits_BV, rng, s: SamplingConfig):
         cutoff_index = jnp.sum(cumulative < s.top_p, axis=-1, keepdims=True)
         cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1)
+    return categorical_by_cdf(rng, logits)
+
+
+def categorical_by_cdf(rng, logits_BV):
+    """One draw per row from softmax(logits): the first token whose cumulative probability
+    exceeds u * total, for one uniform u per row (inverse-CDF sampling).
+
+    The same distribution as `jax.random.categorical`, which adds Gumbel noise to every
+    logit: that costs one random number per vocabulary entry per token (threefry on CPU:
+    about half of nano's decode step, BENCHMARKS.md); this costs one per row.
+    """
+    probs_BV = jax.nn.softmax(logits_BV.astype(jnp.float32), axis=-1)  # -inf (filtered) -> exactly 0
+    cdf_BV = jnp.cumsum(probs_BV, axis=-1)
+    # u in [tiny, 1): u * total > 0, so a leading zero-probability token is never drawn
+    u_B1 = jax.random.uniform(rng, (logits_BV.shape[0], 1), minval=jnp.finfo(jnp.float32).tiny)
+    drawn_B = jnp.sum(cdf_BV < u_B1 * cdf_BV[:, -1:], axis=-1)
+    return jnp.minimum(drawn_B, logits_BV.shape[-1] - 1)
 
 
 @functools.lru_cache(maxsize=8)

@@ -112,6 +112,7 @@ def _programs(c: ModelConfig, s: SamplingConfig, stop_ids: tuple[int, ...], max_
 
     @jax.jit
     def decode_chunk(params, state: DecodeState, prompts_BP, prompt_len_B):
+        params = model.with_decode_layouts(params)  # once per chunk, not per token
         def running(carry):
             i, st = carry
             return (i < chunk) & ~jnp.all(st.done_B)

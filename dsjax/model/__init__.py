@@ -8,6 +8,7 @@ from dsjax.model.transformer import (
     forward,
     init_cache,
     moe_layer_paths,
+    with_decode_layouts,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "param_specs",
     "token_cross_entropy",
     "tree_size",
+    "with_decode_layouts",
 ]

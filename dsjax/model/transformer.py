@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from dsjax.config import ModelConfig, resolve_compute_dtype
 from dsjax.model import mla
 from dsjax.model.layers import rms_norm, rope_cos_sin, swiglu
-from dsjax.model.moe import bias_update, moe
+from dsjax.model.moe import bias_update, moe, wide_expert_weights
 from meshes import pipeline
 from meshes.rules import constrain
 
@@ -233,13 +233,32 @@ def apply_bias_updates(params, expert_load, c: ModelConfig, with_mtp: bool = Tru
 # --- cached decoding -----------------------------------------------------------------
 
 
-def init_cache(c: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
-    """Latent cache: per layer, kv_lora_rank + qk_rope_head_dim values per token."""
+def init_cache(c: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, tuple[jax.Array, ...]]:
+    """Latent cache: per layer, kv_lora_rank + qk_rope_head_dim values per token.
+
+    One array per layer (not one stacked [L, ...] array): each step then writes its token
+    into each layer's buffer in place; a stacked cache was sliced and re-stacked (copied)
+    at every token of a decode loop.
+    """
     L = c.num_hidden_layers
     return {
-        "ckv": jnp.zeros((L, batch, max_len, c.kv_lora_rank), dtype),
-        "kpe": jnp.zeros((L, batch, max_len, c.qk_rope_head_dim), dtype),
+        "ckv": tuple(jnp.zeros((batch, max_len, c.kv_lora_rank), dtype) for _ in range(L)),
+        "kpe": tuple(jnp.zeros((batch, max_len, c.qk_rope_head_dim), dtype) for _ in range(L)),
     }
+
+
+def with_decode_layouts(params):
+    """params with each MoE layer's experts also as [D, E*F] matrices (`moe.wide_expert_weights`).
+
+    A decode loop calls this once before it starts, so the transposed copies are made once,
+    not at every token; `decode_step` takes either form and computes the same thing.
+    """
+    layers = {}
+    for name, p in params["layers"].items():
+        if "experts" in p["mlp"]:
+            p = {**p, "mlp": {**p["mlp"], "experts": wide_expert_weights(p["mlp"]["experts"])}}
+        layers[name] = p
+    return {**params, "layers": layers}
 
 
 def decode_step(params, tokens_BT, cache, start, c: ModelConfig, *, moe_impl: str = "auto"):
@@ -259,4 +278,4 @@ def decode_step(params, tokens_BT, cache, start, c: ModelConfig, *, moe_impl: st
         h = rms_norm(x_BTD, p["post_attention_layernorm"]["scale"], c.rms_norm_eps)
         x_BTD = x_BTD + _feed_forward(p["mlp"], h, c, moe_impl)[0]
     logits_BTV = logits_from_hidden(params, x_BTD, params["norm"]["scale"], c)
-    return logits_BTV, {"ckv": jnp.stack(new_ckv), "kpe": jnp.stack(new_kpe)}
+    return logits_BTV, {"ckv": tuple(new_ckv), "kpe": tuple(new_kpe)}

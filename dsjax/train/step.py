@@ -12,6 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax import model
 from dsjax.config import Config
+from dsjax.model.loss import chunked_head_nll
+from dsjax.model.transformer import forward_hidden, head_kernel
 from dsjax.train.optimizer import lr_schedule, make_optimizer
 from meshes import pipeline, rules
 from meshes.expert_parallel import with_scheme
@@ -213,10 +215,16 @@ def make_eval_step(config: Config, moe_impl: str = "auto", mesh=None):
     M = microbatches_for(config, mesh)
 
     def eval_step(params, windows_BT1, bytes_BT1, weight_BT):
-        forward = with_scheme(config.distributed.ep_dispatch, model.forward)
-        logits_BTV, _ = forward(params, windows_BT1[:, :-1], c, moe_impl=moe_impl, microbatches=M)
-        nll_BT = model.token_cross_entropy(logits_BTV, windows_BT1[:, 1:])
-        nats = jnp.sum(nll_BT * weight_BT)
+        if mesh is None:
+            # one device: the head in token chunks, as the training loss (faster on CPU; no [B, T, V] logits)
+            h_BTD, _ = forward_hidden(params, windows_BT1[:, :-1], c, moe_impl=moe_impl)
+            nats = chunked_head_nll(
+                h_BTD, params["norm"]["scale"], head_kernel(params, c), windows_BT1[:, 1:], weight_BT, c
+            )
+        else:
+            forward = with_scheme(config.distributed.ep_dispatch, model.forward)
+            logits_BTV, _ = forward(params, windows_BT1[:, :-1], c, moe_impl=moe_impl, microbatches=M)
+            nats = jnp.sum(model.token_cross_entropy(logits_BTV, windows_BT1[:, 1:]) * weight_BT)
         tokens = jnp.sum(weight_BT)
         text_bytes = jnp.sum(bytes_BT1[:, 1:].astype(jnp.float32) * weight_BT)
         return nats, tokens, text_bytes
