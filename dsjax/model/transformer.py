@@ -250,8 +250,8 @@ def init_cache(c: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> d
 def with_decode_layouts(params):
     """params with each MoE layer's experts also as [D, E*F] matrices (`moe.wide_expert_weights`).
 
-    A decode loop calls this once before it starts, so the transposed copies are made once,
-    not at every token; `decode_step` takes either form and computes the same thing.
+    A sampler calls this once before decoding (`infer.sampler`), so the transposed copies are
+    made once, not at every token; `decode_step` takes either form and computes the same thing.
     """
     layers = {}
     for name, p in params["layers"].items():
