@@ -1,0 +1,134 @@
+"""Where the time goes on XLA:CPU: the train step's ops, and batch-1 generation.
+
+    uv run python benchmarks/cpu_profile.py [--model-size nano] [--top 25]
+    uv run python benchmarks/cpu_profile.py --generate [--runs 15]
+
+Train step: 3 steps under `jax.profiler` (XLA:CPU emits one trace event per thunk when
+started with --xla_cpu_enable_xprof_traceme, which this script sets), summed per op
+and grouped by the JAX operation that made it (forward or backward, einsum spec).
+Op times overlap on two cores, so they add up to more than the wall time.
+
+--generate: `sample_batch` of 200 new tokens after a 4-token prompt, random weights,
+temperature 0.8, one row; the median of --runs calls (compile excluded), then the
+ops of one call per token.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import glob  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def trace_op_times(run, repeats: int) -> collections.Counter:
+    """Microseconds per repeat of every trace event `run()` produces."""
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder, create_perfetto_trace=True)
+        run()
+        jax.profiler.stop_trace()
+        path = glob.glob(f"{folder}/**/*perfetto_trace.json.gz", recursive=True)[0]
+        events = json.load(gzip.open(path))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    totals = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and not e["name"].startswith(("$", "ThunkExecutor", "PjitFunction", "np.asarray")):
+            totals[e["name"]] += e.get("dur", 0) / repeats
+    return totals
+
+
+def op_sources(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> 'fwd|bwd <einsum spec> <primitive>' from its metadata."""
+    sources = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", line)
+        if m:
+            op = m.group(2)
+            spec = re.findall(r"jvp\(([^()]*)\)", op)
+            sources[m.group(1)] = f"{'bwd' if 'transpose(' in op else 'fwd'} {spec[-1] if spec else ''} {op.split('/')[-1]}"
+    return sources
+
+
+def profile_train_step(size: str, top: int) -> None:
+    from dsjax.config import load_config
+    from dsjax.train.step import init_state, make_train_step
+
+    config = load_config(size)
+    t, c = config.training, config.model
+    state = jax.jit(init_state, static_argnums=(0, 2))(config, jax.random.key(0), 1)
+    step = make_train_step(config)
+    batch = jax.device_put(np.random.default_rng(0).integers(0, c.vocab_size, (1, t.batch_size, t.seq_len + 1), dtype=np.int32))
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    begin = time.perf_counter()
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    print(f"{size} train step: {(time.perf_counter() - begin) / 3 * 1e3:.0f} ms wall")
+
+    def run():
+        nonlocal state, metrics
+        for _ in range(3):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+
+    totals = trace_op_times(run, 3)
+    sources = op_sources(getattr(step, "jitted", step).lower(state, batch).compile().as_text())
+    groups = collections.Counter()
+    for name, us in totals.items():
+        groups[sources.get(name, "other")] += us
+    print(f"ops: {sum(totals.values()) / 1e3:.0f} ms per step (overlapping on the cores)")
+    for label, us in groups.most_common(top):
+        print(f"{us / 1e3:8.2f} ms  {label}")
+
+
+def profile_generation(runs: int, top: int) -> None:
+    from dsjax import model
+    from dsjax.config import load_config
+    from dsjax.infer.generate import SamplingConfig
+    from dsjax.infer.sampler import sample_batch
+
+    c = load_config("nano").model
+    params = model.init(c, jax.random.key(0))
+    prompt = [1, 50, 60, 70]
+    sample_batch(params, c, [prompt], SamplingConfig(max_new_tokens=200, temperature=0.8))  # compile
+    rates = []
+    for seed in range(runs):
+        begin = time.perf_counter()
+        out = sample_batch(params, c, [prompt], SamplingConfig(max_new_tokens=200, temperature=0.8, seed=seed))
+        rates.append(len(out[0]) / (time.perf_counter() - begin))
+    rates.sort()
+    print(f"nano batch 1, 200 tokens: median {rates[len(rates) // 2]:.0f} tokens/s over {runs} calls "
+          f"(min {rates[0]:.0f}, max {rates[-1]:.0f})")
+    totals = trace_op_times(lambda: sample_batch(params, c, [prompt], SamplingConfig(max_new_tokens=200, temperature=0.8)), 200)
+    for name, us in totals.most_common(top):
+        print(f"{us:8.1f} us/token  {name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-size", default="nano")
+    parser.add_argument("--generate", action="store_true", help="profile batch-1 generation instead")
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    if args.generate:
+        profile_generation(args.runs, args.top)
+    else:
+        profile_train_step(args.model_size, args.top)
+
+
+if __name__ == "__main__":
+    main()
