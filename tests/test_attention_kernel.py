@@ -61,12 +61,18 @@ def test_kernel_output_and_grads_match_reference(name):
         lambda q, k, v: flash_attention(
             q, k, v, scale, off, block_q=block_q, block_k=block_k, interpret=True, debug_poison=True
         ), *a))
-    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    _assert_matches_reference(name, kernel(q, k, v, do), (q, k, v, do), scale, off)
+
+
+def _assert_matches_reference(name, results, inputs, scale, off=0):
+    """(out, dq, dk, dv) of a fast path against the fp32 reference on the same inputs."""
+    dtype = inputs[0].dtype
+    f32 = [x.astype(jnp.float32) for x in inputs]
     reference = jax.jit(lambda *a: _value_and_vjp(lambda q, k, v: attention_reference(q, k, v, scale, off), *a))
-    for label, got, want in zip(("out", "dq", "dk", "dv"), kernel(q, k, v, do), reference(*f32)):
+    for label, got, want in zip(("out", "dq", "dk", "dv"), results, reference(*f32)):
         assert got.dtype == dtype and got.shape == want.shape, label
         got = got.astype(jnp.float32)
-        assert not bool(jnp.isnan(got).any()), f"{name}: {label} has elements the kernel never wrote"
+        assert not bool(jnp.isnan(got).any()), f"{name}: {label} has elements never written"
         if dtype == jnp.float32:
             err = float(jnp.max(jnp.abs(got - want)))
             assert err <= FP32_ABS, f"{name}: {label} max abs diff {err:.2e}"
@@ -89,17 +95,7 @@ def test_blocked_output_and_grads_match_reference(name):
     q, k, v, do = _inputs(B, H, T, T, Kq, Kv, dtype)
     scale = Kq**-0.5
     blocked = jax.jit(lambda *a: _value_and_vjp(lambda q, k, v: attn.blocked_causal_attention(q, k, v, scale, block_q), *a))
-    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
-    reference = jax.jit(lambda *a: _value_and_vjp(lambda q, k, v: attention_reference(q, k, v, scale), *a))
-    for label, got, want in zip(("out", "dq", "dk", "dv"), blocked(q, k, v, do), reference(*f32)):
-        assert got.dtype == dtype and got.shape == want.shape, label
-        got = got.astype(jnp.float32)
-        if dtype == jnp.float32:
-            err = float(jnp.max(jnp.abs(got - want)))
-            assert err <= FP32_ABS, f"{name}: {label} max abs diff {err:.2e}"
-        else:
-            err = float(jnp.linalg.norm((got - want).ravel()) / jnp.linalg.norm(want.ravel()))
-            assert err <= BF16_REL, f"{name}: {label} relative diff {err:.2e}"
+    _assert_matches_reference(name, blocked(q, k, v, do), (q, k, v, do), scale)
 
 
 def test_blocked_takes_only_unshifted_whole_sequences():
