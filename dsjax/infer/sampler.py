@@ -86,9 +86,9 @@ def _record(state: DecodeState, token_B, forced_B, stop_ids: tuple[int, ...], ke
     return state._replace(token_B=token_B, position=next_pos, done_B=done_B, count_B=count_B, out_BN=out_BN)
 
 
-# the expert weights in the layout the decode loop multiplies by, made once per sampling call
+# the weights in the layouts the decode loop multiplies by, made once per sampling call
 # (inside the loop XLA:CPU remade them for every token; per chunk they cost about 1.2 ms a call)
-_decode_layouts = jax.jit(model.with_decode_layouts)
+_decode_layouts = jax.jit(model.with_decode_layouts, static_argnums=1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -185,7 +185,7 @@ def sample_chunks(
     prefill, decode_chunk = _programs(c, dataclasses.replace(s, seed=0), _stop_ids(eos_id), max_len, chunk, keep_stop)
     prompts_BP = jnp.asarray(prompts_BP)
     state = prefill(params, prompts_BP, prompt_len_B, key_data_B, prefix_len)
-    decode_params = _decode_layouts(params)  # once per call here, not per chunk or token
+    decode_params = _decode_layouts(params, c)  # once per call here, not per chunk or token
     while True:
         out, counts, done = jax.device_get((state.out_BN, state.count_B, state.done_B))
         yield out, counts

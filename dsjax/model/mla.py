@@ -66,6 +66,22 @@ def attention(p, x_BTD, cos, sin, c: ModelConfig):
     return jnp.einsum("bhtv,hvd->btd", out_BHTV, p["o_proj"]["kernel"].astype(dtype))
 
 
+ABSORBED_UK, ABSORBED_UV = "absorbed_uk_HKC", "absorbed_uv_HCV"
+
+
+def absorbed_weights(p, c: ModelConfig):
+    """The attention params `p` plus kv_b_proj's key and value halves laid out head-major for the
+    absorbed decode path ([H, K, C] and [H, C, V]). A decode loop makes them once before it starts
+    (`transformer.with_decode_layouts`): made from [C, H, K+V] in the loop they were copies at
+    every token (4 x 6-8 us of nano's decode step on the 2-core CPU)."""
+    w_kv = p["kv_b_proj"]["kernel"]
+    return {
+        **p,
+        ABSORBED_UK: w_kv[..., : c.qk_nope_head_dim].transpose(1, 2, 0),
+        ABSORBED_UV: w_kv[..., c.qk_nope_head_dim :].transpose(1, 0, 2),
+    }
+
+
 def decode_attention(p, x_BTD, cos, sin, cache_ckv_BSC, cache_kpe_BSR, start, c: ModelConfig):
     """Attention for tokens at positions start..start+T-1 against a latent cache.
 
@@ -80,9 +96,9 @@ def decode_attention(p, x_BTD, cos, sin, cache_ckv_BSC, cache_kpe_BSR, start, c:
     cache_ckv_BSC = jax.lax.dynamic_update_slice(cache_ckv_BSC, ckv_BTC.astype(cache_ckv_BSC.dtype), (0, start, 0))
     cache_kpe_BSR = jax.lax.dynamic_update_slice(cache_kpe_BSR, kpe_BTR.astype(cache_kpe_BSR.dtype), (0, start, 0))
 
-    w_kv = p["kv_b_proj"]["kernel"].astype(dtype)
-    w_uk_CHK, w_uv_CHV = w_kv[..., : c.qk_nope_head_dim], w_kv[..., c.qk_nope_head_dim :]
-    q_latent_BTHC = jnp.einsum("bthk,chk->bthc", q_nope, w_uk_CHK)
+    absorbed = p if ABSORBED_UK in p else absorbed_weights(p, c)
+    w_uk_HKC, w_uv_HCV = absorbed[ABSORBED_UK].astype(dtype), absorbed[ABSORBED_UV].astype(dtype)
+    q_latent_BTHC = jnp.einsum("bthk,hkc->bthc", q_nope, w_uk_HKC)
     ckv = cache_ckv_BSC.astype(dtype)
     scores_BHTS = (
         jnp.einsum("bthc,bsc->bhts", q_latent_BTHC, ckv, preferred_element_type=jnp.float32)
@@ -93,6 +109,6 @@ def decode_attention(p, x_BTD, cos, sin, cache_ckv_BSC, cache_kpe_BSR, start, c:
     scores_BHTS = jnp.where(visible_TS, scores_BHTS, -jnp.inf)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
     out_latent_BTHC = jnp.einsum("bhts,bsc->bthc", probs_BHTS, ckv)
-    out_BTHV = jnp.einsum("bthc,chv->bthv", out_latent_BTHC, w_uv_CHV)
+    out_BTHV = jnp.einsum("bthc,hcv->bthv", out_latent_BTHC, w_uv_HCV)
     out_BTD = jnp.einsum("bthv,hvd->btd", out_BTHV, p["o_proj"]["kernel"].astype(dtype))
     return out_BTD, cache_ckv_BSC, cache_kpe_BSR

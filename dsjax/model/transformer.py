@@ -247,14 +247,16 @@ def init_cache(c: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> d
     }
 
 
-def with_decode_layouts(params):
-    """params with each MoE layer's experts also as [D, E*F] matrices (`moe.wide_expert_weights`).
+def with_decode_layouts(params, c: ModelConfig):
+    """params with each MoE layer's experts also as [D, E*F] matrices (`moe.wide_expert_weights`)
+    and each attention's absorbed key and value weights head-major (`mla.absorbed_weights`).
 
     A sampler calls this once before decoding (`infer.sampler`), so the transposed copies are
     made once, not at every token; `decode_step` takes either form and computes the same thing.
     """
     layers = {}
     for name, p in params["layers"].items():
+        p = {**p, "self_attn": mla.absorbed_weights(p["self_attn"], c)}
         if "experts" in p["mlp"]:
             p = {**p, "mlp": {**p["mlp"], "experts": wide_expert_weights(p["mlp"]["experts"])}}
         layers[name] = p
