@@ -646,11 +646,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(f"--batch-size/--grad-accum/--seq-len take integers or comma lists: {err}") from None
     moes, attns, remats = _csv(args.moe), _csv(args.attention), _csv(args.remat)
-    for flag, key, values in (("--moe", "model.moe_impl", moes), ("--attention", "model.attention_impl", attns)):
+    for flag, key, values in (
+        ("--moe", "model.moe_impl", moes), ("--attention", "model.attention_impl", attns), ("--remat", "model.remat", remats),
+    ):
         allowed = config_choices(key)
         for value in values:
             if value not in allowed:
-                raise UsageError(f"{flag}: unknown path '{value}' ({', '.join(allowed)})")
+                raise UsageError(f"{flag}: unknown value '{value}' ({', '.join(allowed)})")
     if args.steps <= 0 or args.warmup < 0:
         raise UsageError(f"--steps must be > 0 and --warmup >= 0, got {args.steps} and {args.warmup}")
     cases = []
@@ -939,9 +941,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--model-size", default="nano", help="size preset(s), comma list (default nano)")
     bn.add_argument("--config", metavar="FILE", help="JSON config layered over the size preset")
     bn.add_argument("--backend", choices=BACKENDS, default="jax")
-    bn.add_argument("--moe", help="MoE path(s): auto,dense,ragged,blocked,pallas (comma list)")
-    bn.add_argument("--attention", help="attention path(s): auto,xla,blocked,cudnn,pallas (comma list)")
-    bn.add_argument("--remat", help="rematerialisation policy(ies): none,full,save_dots (model.remat; comma list)")
+    bn.add_argument("--moe", help=f"MoE path(s): {','.join(config_choices('model.moe_impl'))} (comma list)")
+    bn.add_argument("--attention", help=f"attention path(s): {','.join(config_choices('model.attention_impl'))} (comma list)")
+    bn.add_argument("--remat", help=f"rematerialisation policy(ies): {','.join(config_choices('model.remat'))} (model.remat; comma list)")
     bn.add_argument("--batch-size", help="sequences per micro-batch (comma list)")
     bn.add_argument("--grad-accum", help="micro-batches per optimizer step (comma list)")
     bn.add_argument("--seq-len", help="tokens per sequence (comma list)")

@@ -55,7 +55,9 @@ def test_bench_json_rows(tmp_path, capsys):
 
 def test_bench_rejects_bad_lists(capsys):
     assert main(["bench", "--moe", "fast"]) == 2
-    assert "--moe: unknown path 'fast'" in capsys.readouterr().err
+    assert "--moe: unknown value 'fast'" in capsys.readouterr().err
+    assert main(["bench", "--remat", "some"]) == 2
+    assert "--remat: unknown value 'some' (none, full, save_dots)" in capsys.readouterr().err
     assert main(["bench", "--model-size", "huge"]) == 2
     assert main(["bench", "--seq-len", "abc"]) == 2
     assert main(["bench", "--backend", "mlx", "--moe", "dense"]) == 2

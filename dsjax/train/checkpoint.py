@@ -342,8 +342,10 @@ def _quiet_failed_reads():
     asyncio_log.addFilter(drop)
     try:
         yield
+    except Exception:
+        gc.collect()  # only a failed read leaves such tasks; collect them while their record is dropped
+        raise
     finally:
-        gc.collect()
         asyncio_log.removeFilter(drop)
 
 
