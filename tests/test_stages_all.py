@@ -1,5 +1,7 @@
 """`dsjax run --stages all` end to end on a tiny budget: pretrain -> sft -> grpo -> export, each from the last one's final/."""
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -34,13 +36,17 @@ def pipeline(tmp_path_factory, tinystories_dir):
         "--config", str(root / "micro.json"), "--data-dir", str(tinystories_dir), "--work-dir", str(root / "data"),
         "--checkpoint-dir", str(root / "ck"), "--output-dir", str(root / "out"), "--run-name", "micro", "--gpus", "1",
     ]
-    return root, flags
+    # the whole pipeline runs here, once, so each test below holds on its own: pytest-xdist may give them to
+    # different workers, or run either one alone
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        exit_code = main(["run", "--stages", "all", *flags])
+    return root, flags, exit_code, stdout.getvalue()
 
 
-def test_stages_all_runs_every_stage_from_the_last_ones_final(pipeline, capsys):
-    root, flags = pipeline
-    assert main(["run", "--stages", "all", *flags]) == 0
-    out = capsys.readouterr().out
+def test_stages_all_runs_every_stage_from_the_last_ones_final(pipeline):
+    root, flags, exit_code, out = pipeline
+    assert exit_code == 0
     for run in ("micro", "micro-sft", "micro-grpo"):
         assert (root / "ck" / run / "final" / "params").is_dir(), run
         assert (root / "out" / run / "metrics.csv").is_file(), run
@@ -58,7 +64,8 @@ def test_stages_all_runs_every_stage_from_the_last_ones_final(pipeline, capsys):
 
 
 def test_rerun_skips_the_finished_stages_a_later_one_reuses(pipeline, capsys):
-    root, flags = pipeline
+    root, flags, exit_code, _ = pipeline
+    assert exit_code == 0
     # pretrain and sft are done and grpo starts from them; grpo, the last, keeps the run-name promise
     assert main(["run", "--stages", "pretrain,sft,grpo", *flags]) == 2
     assert "run 'micro-grpo' already exists" in capsys.readouterr().err

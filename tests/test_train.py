@@ -1,6 +1,7 @@
 import csv
 import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -34,16 +35,24 @@ def recording_progress():
     return bar
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tinystories_dir):
-    """A short real-data nano run through the CLI: 12 steps of 8 x 64 tokens."""
-    root = tmp_path_factory.mktemp("run")
-    common = [
-        "--data-dir", tinystories_dir, "--work-dir", root / "data", "--checkpoint-dir", root / "checkpoints",
+def run_flags(root, data_dir) -> list:
+    return [
+        "--data-dir", data_dir, "--work-dir", root / "data", "--checkpoint-dir", root / "checkpoints",
         "--output-dir", root / "outputs", "--run-name", "e2e", "--batch-size", 8, "--seq-len", 64,
         "--log-interval", 3, "--eval-interval", 6, "--checkpoint-interval", 6, "--eval-batches", 4,
         "--warmup-steps", 3, "--gpus", 1,  # one device here; meshes are tested in test_mesh/test_multihost
     ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tinystories_dir):
+    """A short real-data nano run through the CLI: 12 steps of 8 x 64 tokens.
+
+    The tests read it and leave it as it is (a test that continues it works on a copy), so they
+    hold in any order and on any pytest-xdist worker.
+    """
+    root = tmp_path_factory.mktemp("run")
+    common = run_flags(root, tinystories_dir)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("dsjax.train.loop.training_progress", recording_progress)
         assert run_cli(*common, "--max-steps", 12) == 0
@@ -90,8 +99,9 @@ def test_a_few_steps_lower_the_loss_on_real_data(trained):
     assert all(float(r["tokens_per_sec"]) > 0 for r in rows if r["tokens_per_sec"])
 
 
-def test_resume_continues_from_the_latest_checkpoint(trained):
-    root, common = trained
+def test_resume_continues_from_the_latest_checkpoint(trained, tinystories_dir, tmp_path):
+    shutil.copytree(trained[0], tmp_path, dirs_exist_ok=True)
+    root, common = tmp_path, run_flags(tmp_path, tinystories_dir)
     assert run_cli(*common, "--max-steps", 15, "--resume") == 0
     rows = read_rows(root / "outputs/e2e/metrics.csv")
     steps = [int(r["step"]) for r in rows]
