@@ -294,6 +294,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         initialize_multihost(args.coordinator, args.num_processes, args.process_id)
         check_mesh(config, args)
+        from dsjax.train.compile_cache import use_compile_cache
+
+        cache = use_compile_cache(args.compile_cache, config.training.work_dir)
+        log.debug("compiled programs: %s", cache or "not kept (--compile-cache off)")
 
     if to_move:
         for old, new in runs.move_aside(to_move):
@@ -836,6 +840,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-interval", type=int)
     run.add_argument("--data-dir", help="folder with train/ and valid/ stories.jsonl (default data/stories)")
     run.add_argument("--work-dir", help="where tokenizers and token caches go (default data)")
+    run.add_argument(
+        "--compile-cache", metavar="DIR",
+        help="where compiled XLA programs are kept so a second run skips compiling (default <work-dir>/jax_cache, "
+        "or DSJAX_COMPILE_CACHE; 'off' turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins)",
+    )
     run.add_argument("--checkpoint-dir", help="default checkpoints")
     run.add_argument("--output-dir", help="default outputs")
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this run")

@@ -250,6 +250,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
             "uploads only --data-dir and its tokenizer); run that stage locally"
         )
 
+    cache = getattr(args, "compile_cache", None)
+    if cache and cache.lower() != "off":
+        raise LaunchError(
+            f"--compile-cache {cache} is a folder on this machine; on Modal the compiled programs stay on the data "
+            "volume (its jax_cache folder), and --compile-cache off is the only other choice"
+        )
+
     if args.coordinator or args.num_processes is not None or args.process_id is not None:
         raise LaunchError("--coordinator, --num-processes and --process-id are set by the launcher from --nodes; drop them")
     if args.nodes is not None and args.nodes < 1:

@@ -1,5 +1,6 @@
 """`dsjax bench`: the FLOP formula against a hand count, and the --json fields through the CLI."""
 
+import dataclasses
 import json
 
 from dsjax import bench
@@ -15,11 +16,15 @@ def test_flops_formula_matches_a_hand_count_for_nano():
     # router 128*8, one shared expert 3*128*96, top-2 of the routed experts 2*3*128*96
     moe_layer = attention + 1_024 + 36_864 + 73_728
     head = 128 * 4096
-    mtp = 2 * 128 * 128 + moe_layer + head  # eh_proj, its MoE block, the shared output head again
-    assert bench.matmul_params_per_token(c) == dense_layer + 3 * moe_layer + head + mtp == 2_013_184
-    # 5 attention layers (4 + MTP) x 6 x heads 4 x (qk 48 + v 32) x (256 + 1) / 2 keys seen on average
-    assert bench.attention_flops_per_token(c, 256) == 5 * 6 * 4 * 80 * 128.5
-    assert bench.train_flops_per_token(c, 256) == 6 * 2_013_184 + 1_233_600
+    assert bench.matmul_params_per_token(c) == dense_layer + 3 * moe_layer + head == 1_276_928
+    # 4 attention layers x 6 x heads 4 x (qk 48 + v 32) x (256 + 1) / 2 keys seen on average
+    assert bench.attention_flops_per_token(c, 256) == 4 * 6 * 4 * 80 * 128.5
+    assert bench.train_flops_per_token(c, 256) == 6 * 1_276_928 + 986_880
+    # with one MTP module (the preset has none): eh_proj, its MoE block and the shared output head again
+    with_mtp = dataclasses.replace(c, num_nextn_predict_layers=1)
+    mtp = 2 * 128 * 128 + moe_layer + head
+    assert bench.matmul_params_per_token(with_mtp) == 1_276_928 + mtp == 2_013_184
+    assert bench.attention_flops_per_token(with_mtp, 256) == 5 * 6 * 4 * 80 * 128.5
 
 
 def test_peak_table_and_override():

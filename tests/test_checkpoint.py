@@ -180,8 +180,11 @@ def run_env(tmp_path_factory, tinystories_dir):
     root = tmp_path_factory.mktemp("exact")
     config = root / "small.json"
     config.write_text(json.dumps(SMALL))
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user would run it
+    # as a user runs it: compiled programs kept in <work-dir>/jax_cache, so the resumed runs load them
+    for name in ("DSJAX_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR"):
+        env.pop(name, None)
     return root, config, env, tinystories_dir
 
 
@@ -210,6 +213,8 @@ def straight(run_env):
     root, config, env, data = run_env
     result = subprocess.run(run_args(root, config, data, "straight"), env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # the train step went to the default compile cache, where the resumed runs below find it
+    assert any(p.name.startswith("jit_train_step") for p in (root / "data" / "jax_cache").iterdir())
     return loss_rows(root, "straight"), final_params(root, "straight")
 
 

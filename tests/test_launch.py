@@ -69,6 +69,7 @@ def test_dry_run_names_gpu_volumes_mesh_and_command(local_dirs, no_cloud, capsys
         (["--timeout", "2d"], "--timeout: expected seconds"),
         (["--coordinator", "h:1"], "set by the launcher from --nodes"),
         (["--stages", "sft", "--start-from", "checkpoints/x/final"], "the Modal container cannot see"),
+        (["--compile-cache", "/tmp/mine"], "--compile-cache off is the only other choice"),
         (["--gpus", "8", "--tp-size", "8", "--dp-size", "1"], "num_attention_heads=4 is not divisible by tp_size=8"),
     ],
 )

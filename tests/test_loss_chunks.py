@@ -14,7 +14,7 @@ def _rel(a, b):
 
 
 def test_chunked_loss_and_grads_equal_full_logits():
-    config = load_config("nano", overrides={"model": {"compute_dtype": "float32", "vocab_size": 512}})
+    config = load_config("nano", overrides={"model": {"compute_dtype": "float32", "vocab_size": 512, "num_nextn_predict_layers": 1}})
     c = config.model
     params = model.init(c, jax.random.key(0))
     windows = jnp.asarray(np.random.default_rng(0).integers(0, c.vocab_size, (3, 21)), jnp.int32)
@@ -34,7 +34,7 @@ def test_chunked_loss_and_grads_equal_full_logits():
 
 def test_chunked_loss_never_holds_whole_logits():
     # 1,024 tokens x 16,384 vocabulary: whole fp32 logits are 64 MiB (and their gradient as much again)
-    config = load_config("nano", overrides={"model": {"compute_dtype": "float32", "vocab_size": 16384}})
+    config = load_config("nano", overrides={"model": {"compute_dtype": "float32", "vocab_size": 16384, "num_nextn_predict_layers": 1}})
     c = config.model
     params = jax.eval_shape(lambda: model.init(c, jax.random.key(0)))
     windows = jax.ShapeDtypeStruct((4, 257), jnp.int32)

@@ -18,7 +18,10 @@ from training_runs import twenty_steps
 
 # Tolerance stated once: per-leaf relative error ||g_mesh - g_1|| / ||g_1|| in fp32.
 GRAD_RTOL = 1e-5
-BASE = config_from_dict({"training": {"batch_size": 8, "seq_len": 32}}, load_config("nano"))
+# nano with its MTP module back on (the preset has none): the MTP head must match on every mesh too
+BASE = config_from_dict(
+    {"model": {"num_nextn_predict_layers": 1}, "training": {"batch_size": 8, "seq_len": 32}}, load_config("nano")
+)
 MESHES = {
     "dp8": {"dp": 8},
     "dp2_tp2_ep2": {"dp": 2, "tp": 2, "ep": 2},

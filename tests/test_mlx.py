@@ -26,7 +26,7 @@ from dsjax.train.optimizer import lr_schedule, make_optimizer
 # Tolerances stated once (fp32): logits max abs diff; loss and gradients per-leaf relative; one AdamW step.
 LOGITS_ATOL, GRAD_RTOL, ADAMW_ATOL, CURVE_ATOL = 1e-4, 1e-4, 1e-5, 1e-3
 
-NANO = load_config("nano").model
+NANO = load_config("nano", overrides={"model": {"num_nextn_predict_layers": 1}}).model  # MTP on: the preset has none
 VARIANTS = {
     "dense_only": dataclasses.replace(NANO, n_routed_experts=0, num_nextn_predict_layers=0),
     "moe": dataclasses.replace(NANO, num_nextn_predict_layers=0),

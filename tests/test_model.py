@@ -9,7 +9,7 @@ import pytest
 from dsjax import model
 from dsjax.config import YarnConfig, load_config
 
-NANO = load_config("nano").model
+NANO = load_config("nano", overrides={"model": {"num_nextn_predict_layers": 1}}).model  # MTP on: the preset has none
 VARIANTS = {
     "nano": NANO,
     "q_lora": dataclasses.replace(NANO, q_lora_rank=48),

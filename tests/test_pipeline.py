@@ -28,11 +28,13 @@ from training_runs import twenty_steps
 # Tolerance stated once: per-leaf relative error ||g_pp - g_1|| / ||g_1|| in fp32 (as for the other mesh axes).
 GRAD_RTOL = 1e-5
 TRAINING = {"batch_size": 8, "seq_len": 32}
-# nano keeps 1 dense layer before the pipeline, leaving 3 staged layers (pp3, the seed guide's shape);
+# MTP on (the nano preset has none), as it runs after the pipeline; nano keeps 1 dense layer before the pipeline, leaving 3 staged layers (pp3, the seed guide's shape);
 # nano5 has 4 staged layers, for pp2 and pp4
 VARIANTS = {
-    "nano": config_from_dict({"training": TRAINING}, load_config("nano")),
-    "nano5": config_from_dict({"model": {"num_hidden_layers": 5}, "training": TRAINING}, load_config("nano")),
+    "nano": config_from_dict({"model": {"num_nextn_predict_layers": 1}, "training": TRAINING}, load_config("nano")),
+    "nano5": config_from_dict(
+        {"model": {"num_hidden_layers": 5, "num_nextn_predict_layers": 1}, "training": TRAINING}, load_config("nano")
+    ),
 }
 CASES = {  # name: (variant, mesh sizes, microbatches, layer groups per stage: 1 = GPipe, 2 = circular)
     "pp2_m2": ("nano5", {"pp": 2}, 2, 1),

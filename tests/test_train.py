@@ -151,7 +151,7 @@ def test_divergence_stops_with_clear_message_and_keeps_checkpoint(tmp_path, tiny
 
 def test_gradient_accumulation_matches_one_big_batch():
     config = load_config("nano")
-    small = dataclasses.replace(config.model, num_hidden_layers=2)
+    small = dataclasses.replace(config.model, num_hidden_layers=2, num_nextn_predict_layers=1)
     config = dataclasses.replace(config, model=small)
     windows = np.asarray(jax.random.randint(jax.random.key(0), (8, 33), 0, small.vocab_size))
     params = init_state(config, jax.random.key(1)).params
