@@ -41,6 +41,7 @@ DeepSeek-V3 (HF stores copies as layers.(L+k).embed_tokens / shared_head.head).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,13 +162,19 @@ def init(c: ModelConfig, rng: jax.Array) -> dict[str, Any]:
 
     Output projections (o_proj, down_proj) are scaled by 1/sqrt(2 * layers), as in
     GPT-2, so the residual stream's variance does not grow with depth.
+
+    The normal weights are consecutive slices of one draw of `rng`, in the tree's leaf
+    order: one random-number op compiles in about a quarter of the time of one per leaf
+    (nano's init_state on the 2-core CPU: 4.6 s -> 1.1 s), and the values stay
+    independent normals.
     """
     specs = param_specs(c)
     leaves, treedef = jax.tree.flatten_with_path(specs, is_leaf=_is_spec)
-    keys = jax.random.split(rng, len(leaves))
+    drawn = [spec for _, spec in leaves if spec.init == "normal"]
+    normals = jax.random.normal(rng, (sum(math.prod(s.shape) for s in drawn),), jnp.float32)
     residual_scale = 1.0 / np.sqrt(2.0 * (c.num_hidden_layers + c.num_nextn_predict_layers))
-    out = []
-    for key, (path, spec) in zip(keys, leaves):
+    out, offset = [], 0
+    for path, spec in leaves:
         names = [getattr(p, "key", str(p)) for p in path]
         if spec.init == "ones":
             out.append(jnp.ones(spec.shape, jnp.float32))
@@ -177,7 +184,9 @@ def init(c: ModelConfig, rng: jax.Array) -> dict[str, Any]:
             std = c.initializer_range
             if "o_proj" in names or "down_proj" in names:
                 std *= residual_scale
-            out.append(std * jax.random.normal(key, spec.shape, jnp.float32))
+            size = math.prod(spec.shape)
+            out.append(std * normals[offset : offset + size].reshape(spec.shape))
+            offset += size
     return jax.tree.unflatten(treedef, out)
 
 
