@@ -46,3 +46,33 @@ def test_chunked_loss_never_holds_whole_logits():
     full = temp_bytes(lambda p, w: _loss_from_logits(p, w, c))
     chunked = temp_bytes(lambda p, w: loss_fn(p, w, c, chunk_tokens=128))
     assert chunked < full - 64 * 2**20, (chunked / 2**20, full / 2**20)
+
+
+def test_chunked_head_gradients_in_every_input_equal_autodiff_of_full_logits():
+    # fp32 with several chunks takes the path that makes its gradients in the forward pass;
+    # every differentiable input is checked, the per-token weights too (SFT's masks are inputs)
+    from dsjax.model.layers import rms_norm
+    from dsjax.model.loss import chunked_head_nll, token_cross_entropy
+
+    c = load_config("nano", overrides={"model": {"compute_dtype": "float32", "vocab_size": 300}}).model
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.normal(size=(2, 13, c.hidden_size)), jnp.float32)
+    scale = jnp.asarray(1 + 0.1 * rng.normal(size=c.hidden_size), jnp.float32)
+    head = jnp.asarray(0.05 * rng.normal(size=(c.hidden_size, c.vocab_size)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, c.vocab_size, (2, 13)), jnp.int32)
+    weight = jnp.asarray(rng.uniform(0, 2, (2, 13)), jnp.float32)
+
+    def full(h, scale, head, weight):
+        logits = jnp.dot(rms_norm(h, scale, c.rms_norm_eps), head, preferred_element_type=jnp.float32)
+        return jnp.sum(token_cross_entropy(logits, targets) * weight)
+
+    def chunked(h, scale, head, weight):
+        return chunked_head_nll(h, scale, head, targets, weight, c, chunk_tokens=5)  # 6 chunks, the last padded
+
+    value_f, grads_f = jax.value_and_grad(full, argnums=(0, 1, 2, 3))(h, scale, head, weight)
+    value_c, grads_c = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2, 3)))(h, scale, head, weight)
+    assert abs(float(value_c) - float(value_f)) <= 1e-6 * abs(float(value_f))
+    for name, g_c, g_f in zip(("hidden", "norm scale", "head", "weight"), grads_c, grads_f):
+        assert _rel(g_c, g_f) <= 1e-6, name
+    # not differentiated, the same value comes from the forward alone
+    assert abs(float(jax.jit(chunked)(h, scale, head, weight)) - float(value_f)) <= 1e-6 * abs(float(value_f))
