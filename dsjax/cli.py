@@ -218,6 +218,11 @@ def check_run_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"--process-id must be in 0..{max(count - 1, 0)}, got {args.process_id}")
     if args.resume and args.overwrite:
         raise UsageError("--resume continues a run and --overwrite moves it aside; pass one of them")
+    from dsjax.train.compile_cache import named_file
+
+    if named_file(args.compile_cache):
+        source = "--compile-cache" if args.compile_cache else "DSJAX_COMPILE_CACHE"
+        raise UsageError(f"{source} {named_file(args.compile_cache)} is a file; give a folder for the compiled programs, or 'off'")
     if args.allow_data_change and not args.resume:
         raise UsageError("--allow-data-change applies to --resume (a new run simply uses the data it is given)")
     given = ["--" + f.replace("_", "-") for f in MODAL_FLAGS if getattr(args, f, None) not in (None, False)]

@@ -189,6 +189,8 @@ CASES = [
          2, r"the distill stage runs on one device, but the mesh flags ask for 2"),
     Case("stages empty", f"{{RUN}} {D} --stages ,", 2, r"--stages is empty"),
     Case("run name with a slash", f"{{RUN}} {D} --run-name ../escape", 2, r"a run name is one folder name"),
+    Case("compile cache is a file", f"{{RUN}} {D} --compile-cache {{root}}/malformed.json", 2,
+         r"--compile-cache .*malformed\.json is a file; give a folder for the compiled programs, or 'off'"),
     Case("info bad config", "info --config {root}/malformed.json", 2, r"not valid JSON"),
     # --- mesh flags (all caught before the tokenizer, whatever the device count)
     Case("tp does not divide heads", f"{{RUN}} {D} --dp-size 1 --tp-size 3", 2, r"is not divisible by tp_size=3"),

@@ -28,6 +28,14 @@ def cache_dir_for(choice: str | None, work_dir: str | Path) -> Path | None:
     return Path(choice) if choice else Path(work_dir) / CACHE_FOLDER
 
 
+def named_file(choice: str | None) -> str | None:
+    """The --compile-cache (or DSJAX_COMPILE_CACHE) value when it names an existing file (refused), else None."""
+    given = choice or os.environ.get("DSJAX_COMPILE_CACHE") or ""
+    if given and given.lower() != OFF and Path(given).exists() and not Path(given).is_dir():
+        return given
+    return None
+
+
 def use_compile_cache(choice: str | None, work_dir: str | Path) -> Path | None:
     """Point JAX's persistent compilation cache at the run's folder; returns the folder in use (None: off)."""
     import jax
