@@ -15,7 +15,9 @@ CHUNK_LOGITS = 2**27
 # on CPU, chunks of 256 tokens whatever the vocabulary: a chunk's logits then stay in cache, and
 # the remade head matmul costs less than the memory traffic of whole logits (2-core CPU, head +
 # cross-entropy forward + backward of 4,096 tokens: 128 -> 83 ms at vocab 4,096, 389 -> 305 ms
-# at 8,192, 975 -> 854 ms at 32,000; smaller chunks were slower at 8,192 and 32,000; BENCHMARKS.md)
+# at 8,192, 975 -> 854 ms at 32,000; smaller chunks were slower at 8,192 and 32,000; BENCHMARKS.md).
+# With the fp32 gradients made in the forward pass (below), chunks of 128, 256 and 512 tokens
+# measured within the machine's spread of each other at vocab 4,096 (78-124 ms).
 CPU_CHUNK_TOKENS = 256
 
 
