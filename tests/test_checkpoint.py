@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -218,15 +219,25 @@ def straight(run_env):
     return loss_rows(root, "straight"), final_params(root, "straight")
 
 
-def start_and_signal(run_env, name, signum, at_step):
-    """Start a run, wait until metrics.csv shows `at_step`, then send `signum`."""
+def finished_checkpoints(folder: Path) -> list[str]:
+    """step_N folders Orbax has finished writing (one still being written carries a tmp suffix)."""
+    return [p.name for p in folder.glob("step_*") if p.name.split("_")[-1].isdigit()] if folder.is_dir() else []
+
+
+def start_and_signal(run_env, name, signum, at_step, after_a_checkpoint=False):
+    """Start a run, wait until metrics.csv shows `at_step` (and, if asked, a finished step_N), then send `signum`.
+
+    Checkpoints are written in the background, so a step past the first checkpoint's step
+    does not mean that checkpoint is complete yet.
+    """
     root, config, env, data = run_env
     proc = subprocess.Popen(run_args(root, config, data, name), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     csv_path = root / "out" / name / "metrics.csv"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if csv_path.is_file() and len(csv_path.read_text().splitlines()) - 1 >= at_step:
-            break
+            if not after_a_checkpoint or finished_checkpoints(root / "ck" / name):
+                break
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be signalled"
     proc.send_signal(signum)
@@ -251,7 +262,7 @@ def assert_same_run(run_env, name, straight):
 
 def test_sigkill_then_resume_is_bitwise_identical(run_env, straight):
     kill_at = random.Random().randint(5, MAX_STEPS - 6)  # after the first checkpoint (step 4)
-    code, _ = start_and_signal(run_env, "killed", signal.SIGKILL, kill_at)
+    code, _ = start_and_signal(run_env, "killed", signal.SIGKILL, kill_at, after_a_checkpoint=True)
     assert code == -signal.SIGKILL
     log = resume(run_env, "killed")
     assert "resumed from" in log
