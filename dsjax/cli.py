@@ -220,9 +220,10 @@ def check_run_flags(args: argparse.Namespace) -> None:
         raise UsageError("--resume continues a run and --overwrite moves it aside; pass one of them")
     from dsjax.train.compile_cache import named_file
 
-    if named_file(args.compile_cache):
+    cache_file = named_file(args.compile_cache)
+    if cache_file:
         source = "--compile-cache" if args.compile_cache else "DSJAX_COMPILE_CACHE"
-        raise UsageError(f"{source} {named_file(args.compile_cache)} is a file; give a folder for the compiled programs, or 'off'")
+        raise UsageError(f"{source} {cache_file} is a file; give a folder for the compiled programs, or 'off'")
     if args.allow_data_change and not args.resume:
         raise UsageError("--allow-data-change applies to --resume (a new run simply uses the data it is given)")
     given = ["--" + f.replace("_", "-") for f in MODAL_FLAGS if getattr(args, f, None) not in (None, False)]
@@ -324,7 +325,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 message = str(err).split("; pass local files with --from")[0]
                 raise DownloadError(
                     f"{message}; offline, make a data folder with `dsjax download --out DIR --from PATH` "
-                    f"(or use the committed sample tests/data/tinystories) and pass --data-dir DIR"
+                    f"and pass --data-dir DIR"
                 ) from None
         else:
             log.info("data_prep: %s already holds train/ and valid/; not downloading", data_dir)
@@ -573,8 +574,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from dsjax.infer.sampler import stream_tokens
 
         # decoded on the device 64 tokens per call, printed as each chunk arrives: each call costs
-        # about 2 ms besides its tokens on the 2-core CPU (nano: 16 per call 1.9-2.3k tokens/s,
-        # 64 per call 3.1k), and 64 tokens take about 20 ms there, still a stream to the eye
+        # about 0.4 ms besides its tokens on the 2-core CPU (2.6 ms before the decode layouts moved
+        # out of it; BENCHMARKS.md), and 64 tokens take about 20 ms there, still a stream to the eye
         generate = functools.partial(stream_tokens, chunk=64)
     prompt_text = tokenizer.decode(prompt_ids)
     sys.stdout.write(prompt_text)

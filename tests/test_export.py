@@ -356,7 +356,7 @@ def run_runtime(python: str, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def trained_nano(tinystories_dir, tmp_path_factory) -> Path:
-    """DSJAX_EXPORT_CHECKPOINT (a final/ folder), else a nano trained here for 150 steps on the committed sample."""
+    """DSJAX_EXPORT_CHECKPOINT (a final/ folder), else a nano trained here for 150 steps on the small test sample."""
     given = os.environ.get("DSJAX_EXPORT_CHECKPOINT")
     if given:
         return Path(given)

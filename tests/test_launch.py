@@ -231,7 +231,7 @@ def loss_rows(mounts, name):
 
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory, tinystories_dir):
-    """Three temp dirs as the mounts, the committed sample synced in, and an uninterrupted 6-step run."""
+    """Three temp dirs as the mounts, the small test sample synced in, and an uninterrupted 6-step run."""
     root = tmp_path_factory.mktemp("modal")
     mounts = Mounts(root / "data", root / "checkpoints", root / "outputs")
     report = sync.sync_tree(tinystories_dir, "stories", sync.LocalDirVolume(mounts.data))

@@ -64,16 +64,20 @@ def chunked_head_nll(h_BTD, norm_scale, head_DV, targets_BT, weight_BT, c: Model
     chunks = (h_ND.reshape(n, C, D), t_N.reshape(n, C), w_N.reshape(n, C))
     if n > 1 and h_BTD.dtype == jnp.float32 and head_DV.dtype == jnp.float32:
         return _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, c.rms_norm_eps)
-
-    def chunk_nll(h_CD, t_C, w_C):
-        normed = rms_norm(h_CD, norm_scale, c.rms_norm_eps)
-        logits_CV = jnp.dot(normed, head_DV.astype(normed.dtype), preferred_element_type=jnp.float32)
-        nll_C = token_cross_entropy(logits_CV, t_C)
-        return jnp.sum(nll_C * w_C)
-
     # one chunk (every token's logits fit the budget): keep them for the backward pass like
     # the plain path; several: remake each chunk's logits there instead
-    chunk_fn = jax.checkpoint(chunk_nll) if n > 1 else chunk_nll
+    return _summed_chunk_nll(chunks, norm_scale, head_DV, c.rms_norm_eps, remake=n > 1)
+
+
+def _summed_chunk_nll(chunks, norm_scale, head_DV, eps: float, remake: bool):
+    """sum(w * nll) over the chunks (h_nCD, t_nC, w_nC), one chunk's logits at a time."""
+
+    def chunk_nll(h_CD, t_C, w_C):
+        normed = rms_norm(h_CD, norm_scale, eps)
+        logits_CV = jnp.dot(normed, head_DV.astype(normed.dtype), preferred_element_type=jnp.float32)
+        return jnp.sum(token_cross_entropy(logits_CV, t_C) * w_C)
+
+    chunk_fn = jax.checkpoint(chunk_nll) if remake else chunk_nll
 
     def body(total, chunk):
         return total + chunk_fn(*chunk), None
@@ -97,12 +101,7 @@ def _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, eps: float):
 
     @jax.custom_vjp
     def chunked_nll(h_nCD, t_nC, w_nC, norm_scale, head_DV):
-        def body(total, chunk):
-            h_CD, t_C, w_C = chunk
-            logits_CV = jnp.dot(rms_norm(h_CD, norm_scale, eps), head_DV, preferred_element_type=jnp.float32)
-            return total + jnp.sum(token_cross_entropy(logits_CV, t_C) * w_C), None
-
-        return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_nCD, t_nC, w_nC))[0]
+        return _summed_chunk_nll((h_nCD, t_nC, w_nC), norm_scale, head_DV, eps, remake=False)
 
     def forward(h_nCD, t_nC, w_nC, norm_scale, head_DV):
         def body(carry, chunk):

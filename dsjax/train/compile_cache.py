@@ -20,20 +20,22 @@ CACHE_FOLDER = "jax_cache"
 OFF = "off"
 
 
+def _given(choice: str | None) -> str:
+    return choice or os.environ.get("DSJAX_COMPILE_CACHE") or ""
+
+
 def cache_dir_for(choice: str | None, work_dir: str | Path) -> Path | None:
     """Where a run keeps compiled programs: the flag's folder, `off` (None), or <work_dir>/jax_cache."""
-    choice = choice or os.environ.get("DSJAX_COMPILE_CACHE") or ""
-    if choice.lower() == OFF:
+    given = _given(choice)
+    if given.lower() == OFF:
         return None
-    return Path(choice) if choice else Path(work_dir) / CACHE_FOLDER
+    return Path(given) if given else Path(work_dir) / CACHE_FOLDER
 
 
 def named_file(choice: str | None) -> str | None:
     """The --compile-cache (or DSJAX_COMPILE_CACHE) value when it names an existing file (refused), else None."""
-    given = choice or os.environ.get("DSJAX_COMPILE_CACHE") or ""
-    if given and given.lower() != OFF and Path(given).exists() and not Path(given).is_dir():
-        return given
-    return None
+    given = _given(choice)
+    return given if given.lower() != OFF and Path(given).is_file() else None
 
 
 def use_compile_cache(choice: str | None, work_dir: str | Path) -> Path | None:
