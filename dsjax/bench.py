@@ -303,6 +303,8 @@ def _gib(n: int | None) -> float | None:
 def environment() -> dict[str, Any]:
     import jax
 
+    from dsjax.train import host_memory
+
     device = jax.devices()[0]
     try:
         commit = subprocess.run(
@@ -316,6 +318,7 @@ def environment() -> dict[str, Any]:
         "platform": device.platform,
         "device_count": jax.device_count(),
         "jax": jax.__version__,
+        "host_memory": "kept" if host_memory.kept() else "system",  # dsjax/train/host_memory.py
         "git_commit": commit or None,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

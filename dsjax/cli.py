@@ -719,7 +719,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         where = bench.append_results(rows, Path(args.results))
         print(f"appended {len(rows)} row(s) to {where}", file=sys.stderr)
     else:
-        print(f"{env['device']} x{env['device_count']}, jax {env['jax']}, commit {env['git_commit']}")
+        print(f"{env['device']} x{env['device_count']}, jax {env['jax']}, host memory {env['host_memory']}, commit {env['git_commit']}")
         print(bench.format_table(rows))
     return 1 if any("error" in r for r in rows) else 0
 
@@ -1084,7 +1084,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from dsjax.train.host_memory import keep_freed_host_memory
     from dsjax.train.signals import StopRequested
+
+    keep_freed_host_memory()  # before JAX starts its CPU backend
 
     try:
         return args.func(args)

@@ -12,6 +12,12 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from dsjax.train.host_memory import keep_freed_host_memory  # noqa: E402
+
+# as `dsjax` does first thing (CPU programs run on the calling thread and reuse its freed memory),
+# so in-process tests run the way the CLI does whichever test starts JAX's backend
+keep_freed_host_memory()
+
 REPO = Path(__file__).resolve().parent.parent
 # Real TinyStories (CDLA-Sharing-1.0) in the train/ + valid/ layout. The repository holds no data:
 # the tests read the 2,316 + 1,000-story sample that sits beside this checkout on the project's
