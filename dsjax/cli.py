@@ -810,7 +810,12 @@ stages:
 data:
   --data-dir DIR must hold train/stories.jsonl and valid/stories.jsonl (make them with
   `dsjax download --out DIR [--from PATH]`). Only the default data/stories is ever
-  downloaded into, and only when it holds neither file."""
+  downloaded into, and only when it holds neither file.
+
+host memory (CPU):
+  `run` and `bench` keep the memory a step frees for the next step (glibc malloc options
+  and JAX's synchronous CPU dispatch) instead of page-faulting on fresh memory every step;
+  DSJAX_MALLOC=system keeps the system's defaults (BUILD.md, Speed and memory)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -951,7 +956,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn = sub.add_parser("bench", allow_abbrev=False, help="time the train step on synthetic tokens: compile, ms/step, tokens/s, MFU, memory",
         description="Time the train step on synthetic tokens. Comma lists (e.g. --moe dense,pallas) run every "
         "combination as a case. FLOPs per token = 6 x matmul parameters touched (routed experts at top-k, MTP "
-        "and its head included, embedding lookup excluded) + causal attention; see dsjax/bench.py.",
+        "and its head included, embedding lookup excluded) + causal attention; see dsjax/bench.py. On CPU the "
+        "step reuses the memory it frees, as `run` does (DSJAX_MALLOC=system turns that off; rows record "
+        "host_memory).",
     )
     bn.add_argument("--model-size", default="nano", help="size preset(s), comma list (default nano)")
     bn.add_argument("--config", metavar="FILE", help="JSON config layered over the size preset")
@@ -1075,6 +1082,12 @@ def _debug(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "verbose", False)) or os.environ.get("LOG_LEVEL", "").upper() == "DEBUG"
 
 
+# commands whose CPU programs free large temporaries every call (train steps): they keep that memory
+# for the next call (dsjax/train/host_memory.py). Sampling's small decode calls (`generate`, `eval`)
+# ran 10-20% slower with the synchronous dispatch this needs (2-core CPU), so they keep JAX's default.
+KEEP_HOST_MEMORY_COMMANDS = ("run", "bench")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -1087,7 +1100,8 @@ def main(argv: list[str] | None = None) -> int:
     from dsjax.train.host_memory import keep_freed_host_memory
     from dsjax.train.signals import StopRequested
 
-    keep_freed_host_memory()  # before JAX starts its CPU backend
+    if args.command in KEEP_HOST_MEMORY_COMMANDS:
+        keep_freed_host_memory()  # before JAX starts its CPU backend
 
     try:
         return args.func(args)
