@@ -1097,11 +1097,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from dsjax.train.host_memory import keep_freed_host_memory
+    from dsjax.train import host_memory
     from dsjax.train.signals import StopRequested
 
     if args.command in KEEP_HOST_MEMORY_COMMANDS:
-        keep_freed_host_memory()  # before JAX starts its CPU backend
+        if host_memory.env_error():
+            _say(f"dsjax: error: {host_memory.env_error()}")
+            return 2
+        host_memory.keep_freed_host_memory()  # before JAX starts its CPU backend
 
     try:
         return args.func(args)

@@ -67,3 +67,7 @@ def test_the_cli_keeps_memory_for_training_commands_only(monkeypatch, capsys, tm
     assert cli.main(["bench", "--seq-len", "abc"]) == 2
     assert cli.main(["run", "--model-size", "nano", "--data-dir", str(tmp_path / "none"), "--work-dir", str(tmp_path)]) != 0
     assert calls == ["kept", "kept"]
+    monkeypatch.setenv(host_memory.ENV, "sytem")  # a typo is refused in one line, before any work
+    assert cli.main(["bench"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "dsjax: error: DSJAX_MALLOC='sytem' is not one of keep (the default), system"
+    assert calls == ["kept", "kept"]

@@ -16,9 +16,11 @@ of the step's CPU time (BENCHMARKS.md).
   fixed that too, but slowed compiles by 1.5-2.5 s.
 Then nano's step takes no page faults, and no system time for them. Resident memory stays
 at the run's high-water mark, as with any allocator that keeps freed memory. It must run
-before JAX starts its CPU backend; `dsjax`'s entry point calls it first thing. It changes
-only how the CPU backend dispatches (a GPU's programs stay asynchronous). DSJAX_MALLOC=system
-leaves glibc and JAX at their defaults; other C libraries (macOS, musl) are left alone.
+before JAX starts its CPU backend: `dsjax run` and `dsjax bench` call it before any work
+(`generate` and `eval` do not: their small decode calls were slower with synchronous
+dispatch). It changes only how the CPU backend dispatches (a GPU's programs stay
+asynchronous). DSJAX_MALLOC=system leaves glibc and JAX at their defaults (`keep`, the
+default, is the above); other C libraries (macOS, musl) are left alone.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import os
 import sys
 
 ENV = "DSJAX_MALLOC"
-SYSTEM = "system"
+KEEP, SYSTEM = "keep", "system"
 
 # mallopt(3) parameter numbers (glibc's malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
@@ -41,6 +43,14 @@ _kept_in_this_process = False  # a process-wide malloc setting, recorded for `ds
 def kept() -> bool:
     """Whether `keep_freed_host_memory` took effect in this process."""
     return _kept_in_this_process
+
+
+def env_error() -> str | None:
+    """One line when DSJAX_MALLOC holds something other than keep or system, else None."""
+    value = os.environ.get(ENV, "")
+    if value.strip().lower() in ("", KEEP, SYSTEM):
+        return None
+    return f"{ENV}={value!r} is not one of {KEEP} (the default), {SYSTEM}"
 
 
 def keep_freed_host_memory() -> bool:
