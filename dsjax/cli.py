@@ -1101,8 +1101,9 @@ def main(argv: list[str] | None = None) -> int:
     from dsjax.train.signals import StopRequested
 
     if args.command in KEEP_HOST_MEMORY_COMMANDS:
-        if host_memory.env_error():
-            _say(f"dsjax: error: {host_memory.env_error()}")
+        bad_env = host_memory.env_error()
+        if bad_env:
+            _say(f"dsjax: error: {bad_env}")
             return 2
         host_memory.keep_freed_host_memory()  # before JAX starts its CPU backend
 

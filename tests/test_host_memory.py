@@ -4,7 +4,7 @@ Each check runs in a fresh process: the malloc options and JAX's dispatch mode m
 before JAX starts its CPU backend, and this test process started it long ago. The program
 materialises a 96 MiB temporary (24,576 pages); with glibc's defaults every call maps it
 afresh and page-faults on every page, with the options set the calls reuse it. The fewest
-faults of four calls is compared: on a busy machine an odd call of the kept setting has
+faults of eight calls is compared: on a busy machine an odd call of the kept setting has
 faulted on part of the block (the README run: 1,400 faults per step on average, not 92,700).
 """
 
@@ -17,7 +17,6 @@ import pytest
 from dsjax import cli
 from dsjax.train import host_memory
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc options (Linux)")
 
 PROGRAM = """
 import resource
@@ -29,7 +28,7 @@ f = jax.jit(lambda x: jnp.sum(jax.lax.optimization_barrier(jnp.sin(x)) * 2.0))
 for _ in range(2):
     f(x).block_until_ready()
 faults = []
-for _ in range(4):
+for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -48,6 +47,9 @@ def _fewest_faults_per_call(malloc: str | None) -> tuple[str, str, int]:
 
 def test_kept_memory_takes_no_page_faults_per_call():
     kept, async_dispatch, faults = _fewest_faults_per_call(None)
+    if host_memory.glibc() is None:  # macOS, musl: nothing is changed, JAX keeps its default
+        assert (kept, async_dispatch) == ("False", "True")
+        return
     assert (kept, async_dispatch) == ("True", "False")
     assert faults < 1_000, faults
 
@@ -55,7 +57,8 @@ def test_kept_memory_takes_no_page_faults_per_call():
 def test_system_malloc_faults_on_every_page():
     kept, async_dispatch, faults = _fewest_faults_per_call("system")
     assert (kept, async_dispatch) == ("False", "True")
-    assert faults > 12_000, faults  # the 24,576 pages of the temporary, give or take
+    if host_memory.glibc() is not None:  # the count is glibc's behaviour; other allocators may reuse the block
+        assert faults > 12_000, faults  # the 24,576 pages of the temporary, give or take
 
 
 def test_the_cli_keeps_memory_for_training_commands_only(monkeypatch, capsys, tmp_path):

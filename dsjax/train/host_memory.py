@@ -45,22 +45,33 @@ def kept() -> bool:
     return _kept_in_this_process
 
 
+def _choice() -> str:
+    return os.environ.get(ENV, "").strip().lower() or KEEP
+
+
 def env_error() -> str | None:
     """One line when DSJAX_MALLOC holds something other than keep or system, else None."""
-    value = os.environ.get(ENV, "")
-    if value.strip().lower() in ("", KEEP, SYSTEM):
+    if _choice() in (KEEP, SYSTEM):
         return None
-    return f"{ENV}={value!r} is not one of {KEEP} (the default), {SYSTEM}"
+    return f"{ENV}={os.environ[ENV]!r} is not one of {KEEP} (the default), {SYSTEM}"
 
 
-def keep_freed_host_memory() -> bool:
-    """Keep the CPU step's freed memory for the next step (glibc); returns whether it was set."""
-    if os.environ.get(ENV, "").strip().lower() == SYSTEM or not sys.platform.startswith("linux"):
-        return False
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is Linux's glibc (the only one whose options this sets), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.gnu_get_libc_version  # glibc only: other C libraries have other options
     except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def keep_freed_host_memory() -> bool:
+    """Keep the CPU step's freed memory for the next step (glibc); returns whether it was set."""
+    libc = glibc()
+    if _choice() != KEEP or libc is None:
         return False
     if not all(libc.mallopt(option, value) == 1 for option, value in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _INT_MAX))):
         return False
