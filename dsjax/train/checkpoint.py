@@ -18,16 +18,17 @@ as `corrupt_step_N`, never deleting it) any step that fails to restore.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import json
 import logging
 import re
 import shutil
+import sys
 import time
+import traceback
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -60,6 +61,8 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 def short_error(err: BaseException) -> str:
     """One readable line for an error from Orbax/TensorStore (whose messages carry C++ binding fragments)."""
+    if isinstance(err, UnreadableArrays):
+        return str(err)  # already shortened
     text = (str(err).strip().splitlines() or [""])[0]
     text = text.split(" See full TensorStore details")[0]
     text = re.sub(r"<bound method [^>]*>?", "", text).strip().rstrip(".:")
@@ -231,9 +234,8 @@ class CheckpointStore:
                     f"model or its training data: {', '.join(differences)}. Use a new --run-name, or restore these values."
                 )
             try:
-                with _quiet_failed_reads():
-                    return step, self.restore(step, abstract_state)
-            except Exception as err:  # noqa: BLE001
+                return step, read_arrays(lambda: self.restore(step, abstract_state))
+            except UnreadableArrays as err:
                 self._set_aside(step, err)
         return None
 
@@ -327,26 +329,62 @@ def read_final_config(final_dir: Path) -> Config:
     return load_config_json(final_dir / "config.json")
 
 
-class _DropUnretrievedTaskErrors(logging.Filter):
+class UnreadableArrays(Exception):
+    """An Orbax read failed; the message is already one line (short_error of the cause)."""
+
+
+class _DropAbandonedReadLogs(logging.Filter):
+    """asyncio's "Task exception was never retrieved" for an orbax read task."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Task exception was never retrieved")
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
 
 
-@contextlib.contextmanager
-def _quiet_failed_reads():
-    """A failed restore leaves orbax's other read tasks holding exceptions nobody retrieves;
-    when they are collected, asyncio logs each with a traceback. We report the failure in
-    one line ourselves, so collect them here, with that log record dropped."""
+def _is_abandoned_read(unraisable) -> bool:
+    """The two reports a failed orbax restore leaves behind.
+
+    Orbax runs the reads in a fresh event loop and closes it when the first read fails,
+    without cancelling the others. Their suspended coroutines raise the read error again
+    when the garbage collector closes them ("Exception ignored in <coroutine ...>"), and
+    TensorStore's threads, finishing those reads, call back into the closed loop
+    ("Event loop is closed"). Either can happen at any later time, exit included.
+    """
+    if isinstance(unraisable.object, types.CoroutineType):
+        return "orbax" in unraisable.object.cr_code.co_filename
+    return (
+        unraisable.object is None
+        and isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"
+        and any(frame.name == "call_soon_threadsafe" for frame in traceback.extract_tb(unraisable.exc_traceback))
+    )
+
+
+def _drop_reports_of_abandoned_reads() -> None:
+    """Keep a failed restore to the one line we print: drop its leftovers' reports for the
+    rest of the process (they may come at exit). Installed once, on the first failure."""
     asyncio_log = logging.getLogger("asyncio")
-    drop = _DropUnretrievedTaskErrors()
-    asyncio_log.addFilter(drop)
+    if not any(isinstance(f, _DropAbandonedReadLogs) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_DropAbandonedReadLogs())
+    if getattr(sys.unraisablehook, "drops_abandoned_orbax_reads", False):
+        return
+    report = sys.unraisablehook
+
+    def drop_abandoned_reads(unraisable):
+        if not _is_abandoned_read(unraisable):
+            report(unraisable)
+
+    drop_abandoned_reads.drops_abandoned_orbax_reads = True
+    sys.unraisablehook = drop_abandoned_reads
+
+
+def read_arrays(restore: Callable[[], Any]) -> Any:
+    """restore(), or UnreadableArrays with one line when it fails, and nothing else printed, then or later."""
     try:
-        yield
-    except Exception:
-        gc.collect()  # only a failed read leaves such tasks; collect them while their record is dropped
-        raise
-    finally:
-        asyncio_log.removeFilter(drop)
+        return restore()
+    except Exception as err:  # noqa: BLE001 - truncated, missing or mismatched arrays
+        _drop_reports_of_abandoned_reads()
+        raise UnreadableArrays(short_error(err)) from None
 
 
 def load_final(final_dir: Path):
@@ -357,10 +395,9 @@ def load_final(final_dir: Path):
     config = read_final_config(final_dir)
     abstract = model.abstract_params(config.model)
     try:
-        with _quiet_failed_reads():
-            params = ocp.StandardCheckpointer().restore(final_dir / "params", abstract)
-    except Exception as err:  # noqa: BLE001 - truncated, missing or mismatched arrays: one clear line
-        raise CheckpointError(f"cannot read the parameters in {final_dir / 'params'} ({short_error(err)})") from None
+        params = read_arrays(lambda: ocp.StandardCheckpointer().restore(final_dir / "params", abstract))
+    except UnreadableArrays as err:
+        raise CheckpointError(f"cannot read the parameters in {final_dir / 'params'} ({err})") from None
     return params, config, final_dir / "tokenizer.model"
 
 
