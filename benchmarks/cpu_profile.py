@@ -6,6 +6,8 @@
 Train step: 3 steps under `jax.profiler` (XLA:CPU emits one trace event per thunk when
 started with --xla_cpu_enable_xprof_traceme, which this script sets), summed per op
 and grouped by the JAX operation that made it (forward or backward, einsum spec).
+`dsjax bench --profile DIR` gives the same per-op table for any device, with busy
+time per stream; this script keeps the CPU grouping by operation and the generation loop.
 Op times overlap on two cores, so they add up to more than the wall time.
 
 --generate: `sample_batch` of 200 new tokens after a 4-token prompt, random weights,
@@ -15,49 +17,29 @@ ops of one call per token.
 
 from __future__ import annotations
 
-import os
+import argparse
+import collections
+import tempfile
+import time
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+from dsjax import trace_summary
 
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import glob  # noqa: E402
-import gzip  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+trace_summary.enable_cpu_op_events()  # before JAX starts its CPU backend
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 
 def trace_op_times(run, repeats: int) -> collections.Counter:
-    """Microseconds per repeat of every trace event `run()` produces."""
+    """Microseconds per repeat of every op event `run()` produces."""
     with tempfile.TemporaryDirectory() as folder:
-        jax.profiler.start_trace(folder, create_perfetto_trace=True)
-        run()
-        jax.profiler.stop_trace()
-        path = glob.glob(f"{folder}/**/*perfetto_trace.json.gz", recursive=True)[0]
-        events = json.load(gzip.open(path))
-    events = events["traceEvents"] if isinstance(events, dict) else events
+        path, _ = trace_summary.record(run, folder)
+        events, _ = trace_summary.load_events(path)
     totals = collections.Counter()
     for e in events:
-        if e.get("ph") == "X" and not e["name"].startswith(("$", "ThunkExecutor", "PjitFunction", "np.asarray")):
-            totals[e["name"]] += e.get("dur", 0) / repeats
+        if trace_summary.is_op(e):
+            totals[e["name"]] += e["dur"] / repeats
     return totals
-
-
-def op_sources(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> 'fwd|bwd <einsum spec> <primitive>' from its metadata."""
-    sources = {}
-    for line in hlo_text.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", line)
-        if m:
-            op = m.group(2)
-            spec = re.findall(r"jvp\(([^()]*)\)", op)
-            sources[m.group(1)] = f"{'bwd' if 'transpose(' in op else 'fwd'} {spec[-1] if spec else ''} {op.split('/')[-1]}"
-    return sources
 
 
 def profile_train_step(size: str, top: int) -> None:
@@ -85,7 +67,7 @@ def profile_train_step(size: str, top: int) -> None:
         jax.block_until_ready(metrics)
 
     totals = trace_op_times(run, 3)
-    sources = op_sources(getattr(step, "jitted", step).lower(state, batch).compile().as_text())
+    sources = trace_summary.op_sources(getattr(step, "jitted", step).lower(state, batch).compile().as_text())
     groups = collections.Counter()
     for name, us in totals.items():
         groups[sources.get(name, "other")] += us

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session (an H100/H200 lent for minutes): kernels, then train steps, then a CLI run.
-# From the repo root on the GPU machine:  bash benchmarks/gpu_session.sh [kernels] [steps] [memory] [cli]
+# From the repo root on the GPU machine:  bash benchmarks/gpu_session.sh [kernels] [steps] [profile] [memory] [cli]
 # Needs .gpu/whl (grain's wheels), .gpu/tinystories (the data) and .gpu/vocab8k.json; see BUILD.md.
 set -u
 export PYTHONUNBUFFERED=1
@@ -23,6 +23,12 @@ for part in $PARTS; do
     steps)
       timeout 35 "${B[@]}" --model-size tiny --moe pallas > "$OUT/steps_tiny.log" 2>&1
       timeout 85 "${B[@]}" --model-size small --moe pallas --attention cudnn,pallas > "$OUT/steps_small.log" 2>&1 ;;
+    profile)  # where tiny's step goes at the guide's batch and as one batch: kernels and busy time vs wall
+      for shape in "--batch-size 4 --grad-accum 4" "--batch-size 16 --grad-accum 1"; do
+        timeout 45 "${B[@]}" --steps 5 --warmup 2 --model-size tiny --moe pallas --attention cudnn $shape \
+          --profile /tmp/dsjax-profile >> "$OUT/profile.log" 2>&1
+      done
+      grep -vE "^\{|^appended" "$OUT/profile.log" | cut -c1-200 | tail -50 ;;
     memory)
       timeout 55 "${B[@]}" --steps 3 --warmup 1 --model-size small --batch-size 64 --seq-len 1024 --moe pallas \
         --attention pallas > "$OUT/memory.log" 2>&1 ;;

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import statistics
 import subprocess
 import time
@@ -139,8 +140,21 @@ def _compiled_memory_bytes(compiled) -> int | None:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def run_case(case: Case, steps: int, warmup: int, device_count: int | None, peak_override: float | None) -> dict:
-    """Compile and time the train step of one case; returns the result row."""
+PROFILED_STEPS = 3
+
+
+def profile_folder(root: Path, case: Case) -> Path:
+    return Path(root) / re.sub(r"[^\w.=-]+", "_", case.label).strip("_")
+
+
+def run_case(
+    case: Case, steps: int, warmup: int, device_count: int | None, peak_override: float | None,
+    profile_root: Path | None = None,
+) -> dict:
+    """Compile and time the train step of one case; returns the result row.
+
+    With profile_root, PROFILED_STEPS more steps run under jax.profiler afterwards (the timed
+    steps are not traced); the row's "profile" summarises them (dsjax/trace_summary.py)."""
     import jax
 
     from dsjax.train import distributed
@@ -188,6 +202,18 @@ def run_case(case: Case, steps: int, warmup: int, device_count: int | None, peak
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - begin)
     loss = float(metrics["loss"])
+    profile = None
+    if profile_root is not None:
+        from dsjax import trace_summary
+
+        def traced_steps():
+            nonlocal state, metrics
+            for i in range(PROFILED_STEPS):
+                state, metrics = run(state, batches[i % len(batches)])
+            jax.block_until_ready(metrics)
+
+        trace, wall = trace_summary.record(traced_steps, profile_folder(profile_root, case))
+        profile = trace_summary.summarize(trace, PROFILED_STEPS, wall, trace_summary.op_sources(compiled.as_text()))
 
     device = jax.devices()[0]
     tokens_per_step = t.gradient_accumulation_steps * t.batch_size * t.seq_len
@@ -216,6 +242,7 @@ def run_case(case: Case, steps: int, warmup: int, device_count: int | None, peak
         "loss": loss,
         "steps": steps,
         "warmup": warmup,
+        **({"profile": profile} if profile else {}),
     }
 
 

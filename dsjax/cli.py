@@ -665,6 +665,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 raise UsageError(f"{flag}: unknown value '{value}' ({', '.join(allowed)})")
     if args.steps <= 0 or args.warmup < 0:
         raise UsageError(f"--steps must be > 0 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    profile_root = None
+    if args.profile is not None:
+        profile_root = Path(args.profile).absolute()
+        if profile_root.exists() and not profile_root.is_dir():
+            raise UsageError(f"--profile {args.profile} is a file; give a folder for the traces")
+        if args.backend == "mlx":
+            raise UsageError("--profile traces JAX programs; drop it with --backend mlx")
+        from dsjax import trace_summary
+
+        trace_summary.enable_cpu_op_events()  # before JAX starts its CPU backend
     cases = []
     for size, moe, attn, remat, b, a, t in itertools.product(
         sizes, moes or [None], attns or [None], remats or [None], batches or [None], accums or [None], seqs or [None]
@@ -704,7 +714,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if args.backend == "mlx":
                 row = bench.run_case_mlx(case, args.steps, args.warmup, args.peak_tflops)
             else:
-                row = bench.run_case(case, args.steps, args.warmup, args.gpus, args.peak_tflops)
+                row = bench.run_case(case, args.steps, args.warmup, args.gpus, args.peak_tflops, profile_root)
         except Exception as err:  # noqa: BLE001 - one failing case must not hide the others
             if not args.keep_going:
                 raise
@@ -721,6 +731,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         print(f"{env['device']} x{env['device_count']}, jax {env['jax']}, host memory {env['host_memory']}, commit {env['git_commit']}")
         print(bench.format_table(rows))
+    if profile_root is not None:
+        from dsjax import trace_summary
+
+        for row in rows:
+            if "profile" in row:
+                print(trace_summary.format_summary(row["case"], row["profile"]), file=sys.stderr if args.json else sys.stdout)
     return 1 if any("error" in r for r in rows) else 0
 
 
@@ -975,6 +991,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", action="store_true", help="one JSON object per case on stdout, appended to --results")
     bn.add_argument("--results", default=str(Path("benchmarks") / "results.jsonl"), help="JSONL file --json appends to")
     bn.add_argument("--keep-going", action="store_true", help="record a failing case as an error row and go on")
+    bn.add_argument("--profile", metavar="DIR", help="after timing, trace 3 more steps per case into DIR/<case>/ with "
+                    "jax.profiler and print where the time went: events and busy ms per step on each device stream "
+                    "or thread against the wall time, and the top ops with the JAX operation that made each")
     bmesh = bn.add_argument_group("device mesh")
     bmesh.add_argument("--gpus", type=int, help="total devices to use (default: all)")
     for axis in ("pp", "dp", "tp", "ep", "sp"):

@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from dsjax import trace_summary  # noqa: E402 - imports no JAX
+
+# per-op trace events on XLA:CPU, as `dsjax bench --profile` asks for before JAX starts (test_bench checks them)
+trace_summary.enable_cpu_op_events()
 # in-process runs keep no compiled programs on disk: JAX reads the cache folder once per process, so one
 # test's folder would serve the rest; the subprocess runs of test_checkpoint use and check the default
 os.environ.setdefault("DSJAX_COMPILE_CACHE", "off")

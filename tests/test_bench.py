@@ -1,9 +1,12 @@
 """`dsjax bench`: the FLOP formula against a hand count, and the --json fields through the CLI."""
 
 import dataclasses
+import gzip
 import json
+import os
+from pathlib import Path
 
-from dsjax import bench
+from dsjax import bench, trace_summary
 from dsjax.cli import main
 from dsjax.config import load_config
 
@@ -38,10 +41,11 @@ def test_bench_json_rows(tmp_path, capsys):
     results = tmp_path / "results.jsonl"
     code = main([
         "bench", "--model-size", "nano", "--batch-size", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1",
-        "--peak-tflops", "1.0", "--gpus", "1", "--json", "--results", str(results),
+        "--peak-tflops", "1.0", "--gpus", "1", "--json", "--results", str(results), "--profile", str(tmp_path / "prof"),
     ])
     assert code == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(rows) == 1
     row = rows[0]
     for key in (
@@ -56,6 +60,57 @@ def test_bench_json_rows(tmp_path, capsys):
     expected_mfu = row["flops_per_token"] * 64 / (row["step_ms_median"] / 1e3) / 1e12
     assert abs(row["mfu"] - expected_mfu) <= 1e-3 * expected_mfu + 1e-4
     assert [json.loads(line)["case"] for line in results.read_text().splitlines()] == [row["case"]]
+    # --profile: 3 more steps traced; XLA:CPU's per-op events (conftest sets the flag the CLI sets)
+    profile = row["profile"]
+    assert Path(profile["trace"]).is_file() and Path(profile["trace"]).is_relative_to(tmp_path / "prof")
+    assert profile["wall_ms_per_step"] > 0 and profile["lines"][0]["events_per_step"] > 10
+    assert sum(line["busy_ms_per_step"] for line in profile["lines"]) > 0
+    assert any("dot_general" in op["source"] for op in profile["top_ops"]), profile["top_ops"]
+    assert f"profile of {row['case']}" in err
+
+
+def test_trace_summary_of_a_gpu_like_trace(tmp_path):
+    """Busy time merges nested events; ops come from the device line with the most events, named by hlo_op."""
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
+        {"ph": "M", "pid": 1, "tid": 8, "name": "thread_name", "args": {"name": "XLA Modules"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "tid": 3, "name": "thread_name", "args": {"name": "python"}},
+    ]
+    kernels = [  # two steps of three kernels, 10 us each, 5 us launch gaps
+        {"ph": "X", "pid": 1, "tid": 7, "ts": 100 * s + 15 * k, "dur": 10, "name": f"loop_fusion_kernel_{k}",
+         "args": {"hlo_op": ["fusion.1", "fusion.2", "dot.3"][k]}}
+        for s in range(2) for k in range(3)
+    ]
+    modules = [{"ph": "X", "pid": 1, "tid": 8, "ts": 100 * s, "dur": 40, "name": "jit_train_step(1)"} for s in range(2)]
+    host = [  # a dispatch event with one nested event: 30 us busy, not 50
+        {"ph": "X", "pid": 2, "tid": 3, "ts": 0, "dur": 30, "name": "launch"},
+        {"ph": "X", "pid": 2, "tid": 3, "ts": 5, "dur": 20, "name": "launch_inner"},
+        {"ph": "X", "pid": 2, "tid": 3, "ts": 1, "dur": 500, "name": "PjitFunction(train_step)"},  # runtime, not an op
+    ]
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": meta + kernels + modules + host}, f)
+    summary = trace_summary.summarize(path, steps=2, wall_sec=400e-6, sources={"dot.3": "bwd btd,dv->btv dot_general"})
+    lines = {r["line"]: r for r in summary["lines"]}
+    assert lines["/device:GPU:0 / Stream #13(Compute)"] == {
+        "line": "/device:GPU:0 / Stream #13(Compute)", "events_per_step": 3.0, "busy_ms_per_step": 0.03,
+    }
+    assert lines["/host:CPU / python"]["busy_ms_per_step"] == 0.015
+    assert summary["wall_ms_per_step"] == 0.2 and summary["ops_line"] == "/device:GPU:0 / Stream #13(Compute)"
+    assert [(r["op"], r["calls_per_step"]) for r in summary["top_ops"]] == [("fusion.1", 1.0), ("fusion.2", 1.0), ("dot.3", 1.0)]
+    assert summary["top_ops"][2]["source"] == "bwd btd,dv->btv dot_general"
+    assert "Stream #13(Compute)" in trace_summary.format_summary("case", summary)
+    # XLA:CPU's while/call events enclose their bodies' ops: not ops themselves
+    assert not trace_summary.is_op({"name": "while.95"}) and trace_summary.is_op({"name": "ynn_fusion.2"})
+
+
+def test_cpu_op_events_flag_is_added_once(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    trace_summary.enable_cpu_op_events()
+    trace_summary.enable_cpu_op_events()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 --xla_cpu_enable_xprof_traceme=true"
 
 
 def test_bench_rejects_bad_lists(capsys):
@@ -67,3 +122,5 @@ def test_bench_rejects_bad_lists(capsys):
     assert main(["bench", "--seq-len", "abc"]) == 2
     assert main(["bench", "--backend", "mlx", "--moe", "dense"]) == 2
     assert "pick JAX compute paths" in capsys.readouterr().err
+    assert main(["bench", "--profile", __file__]) == 2
+    assert "is a file; give a folder for the traces" in capsys.readouterr().err
