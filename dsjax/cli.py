@@ -251,6 +251,17 @@ def check_mesh(config, args: argparse.Namespace) -> None:
         )
 
 
+def check_output_folders(config) -> None:
+    """The work, checkpoint and output folders must be folders or not exist yet: a file there is refused before any work."""
+    for flag, key in (("--work-dir", "work_dir"), ("--checkpoint-dir", "checkpoint_dir"), ("--output-dir", "output_dir")):
+        value = getattr(config.training, key)
+        path = Path(value).absolute()
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "is a file" if existing == path else f"is inside {existing}, a file"
+            raise UsageError(f"{flag} (training.{key}) {value} {where}; give a folder")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from dsjax.data import layout
     from dsjax.progress import console, setup_logging
@@ -275,6 +286,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_stage_flags(stages, config, args, mesh_total)
 
     # before any work: the data is there (or is the default, to download), the run names are free
+    check_output_folders(config)
     data_dir = Path(config.training.data_dir)
     needs_data = any(s in stages for s in ("data_prep", *TRAINING_STAGES))
     must_download = layout.check_data_dir(data_dir, may_download="data_prep" in stages) if needs_data else False
@@ -349,6 +361,11 @@ def check_stage_flags(stages: list[str], config, args: argparse.Namespace, mesh_
         other = [s for s in stages if s in ("sft", "grpo", "distill")]
         if other:
             raise UsageError(f"--backend mlx runs data_prep and pretrain; run {','.join(other)} on the JAX backend")
+    if "sft" in stages and config.sft.data:
+        sft_data = Path(config.sft.data)
+        if not sft_data.is_file():
+            problem = "is a folder; give a file" if sft_data.is_dir() else "no such file"
+            raise UsageError(f"--sft-data (sft.data) {config.sft.data}: {problem} (TinyStoriesInstruct format)")
     if "grpo" in stages and mesh_total > 1:
         raise UsageError(f"the grpo stage runs on one device, but the mesh flags ask for {mesh_total}; drop them")
     if "grpo" in stages and config.grpo.max_new_tokens >= config.model.max_position_embeddings:
@@ -374,6 +391,7 @@ def check_stage_flags(stages: list[str], config, args: argparse.Namespace, mesh_
                 f"--teacher {teacher} has vocab_size={teacher_config.model.vocab_size} but the student has "
                 f"{config.model.vocab_size}: teacher and student must share the tokenizer"
             )
+        check_teacher_data(Path(teacher), Path(config.training.data_dir))
     formats = _csv(args.export_format)
     for fmt in formats:
         if fmt not in ("gguf", "hf"):
@@ -384,6 +402,26 @@ def check_stage_flags(stages: list[str], config, args: argparse.Namespace, mesh_
         raise UsageError("--export-format and --export-dtype apply to the export stage; add export to --stages")
     if args.export_dtype == "q8_0" and "hf" in (formats or ["gguf", "hf"]):
         raise UsageError("--export-dtype q8_0 is a GGUF type; add --export-format gguf, or pick f32, f16 or bf16")
+
+
+def check_teacher_data(teacher: Path, data_dir: Path) -> None:
+    """The student trains its tokenizer on data_dir's train split; on other data than the teacher's it
+    cannot be the teacher's tokenizer. Refused before that tokenizer is trained (distill checks the files too)."""
+    from dsjax.data import layout
+
+    try:
+        recorded = json.loads((teacher / "training_state.json").read_text()).get("data") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # an older final/ without the record: distill compares the tokenizer files themselves
+    if not recorded.get("train_sha256") or not layout.dataset_ready(data_dir):
+        return
+    current = layout.fingerprints(data_dir)
+    if current["train_sha256"] != recorded["train_sha256"]:
+        raise UsageError(
+            f"--teacher {teacher} was trained on {layout.describe_fingerprints(recorded)} but the student's data is "
+            f"{layout.describe_fingerprints(current)}: teacher and student must share the tokenizer, which is trained "
+            f"on the train split; pass the teacher's --data-dir"
+        )
 
 
 def run_stage(plan, config, args: argparse.Namespace) -> None:
@@ -951,16 +989,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--checkpoint", required=True, help="a final/ folder, e.g. checkpoints/nano/final")
     gen.add_argument("--backend", choices=BACKENDS, default="jax")
-    gen.add_argument("--prompt", default="Once upon a time")
-    gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
-    gen.add_argument("--top-p", type=finite_float, default=1.0, help="1.0 = off")
-    gen.add_argument("--seed", type=int, default=0, help="sample i (of --num-samples) uses seed + i")
+    prompt = gen.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="Once upon a time", help="the text to continue (default: %(default)s)")
+    gen.add_argument("--max-new-tokens", type=int, default=200, help="default %(default)s")
+    gen.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy (default %(default)s)")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
+    gen.add_argument("--top-p", type=finite_float, default=1.0, help="1.0 = off (default)")
+    gen.add_argument("--seed", type=int, default=0, help="sample i (of --num-samples) uses seed + i (default %(default)s)")
     gen.add_argument("--num-samples", type=int, default=1, metavar="N",
                      help="samples per prompt, decoded together on the device (default 1: streamed)")
-    gen.add_argument("--prompts-file", metavar="FILE",
-                     help="one prompt per line instead of --prompt; every prompt x --num-samples in one batch")
+    prompt.add_argument("--prompts-file", metavar="FILE",
+                        help="one prompt per line instead of --prompt; every prompt x --num-samples in one batch")
     gen.set_defaults(func=cmd_generate)
 
     ckpts = sub.add_parser("checkpoints", allow_abbrev=False, help="inspect a run's checkpoints")

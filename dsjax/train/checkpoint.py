@@ -312,6 +312,8 @@ def load_config_json(path: Path) -> Config:
 def read_final_config(final_dir: Path) -> Config:
     """The config of a final/ folder, after checking the folder is one (no arrays are read)."""
     final_dir = Path(final_dir).absolute()
+    if final_dir.exists() and not final_dir.is_dir():
+        raise CheckpointError(f"{final_dir} is a file; pass a final/ folder such as checkpoints/<run>/final")
     if not final_dir.is_dir():
         raise CheckpointError(f"{final_dir} does not exist; pass a final/ folder such as checkpoints/<run>/final")
     if (final_dir / FINAL).is_dir():

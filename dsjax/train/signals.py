@@ -1,13 +1,20 @@
 """Graceful stop on SIGTERM/SIGINT: the loop finishes its step, checkpoints and exits.
 
 This is how Modal (and most schedulers) preempt: SIGTERM, a grace period, then
-SIGKILL. A second SIGINT (Ctrl-C twice) interrupts at once.
+SIGKILL. A second SIGINT (Ctrl-C twice) interrupts at once, if it comes at least
+REPEAT_WINDOW_SEC after the first: one Ctrl-C can arrive twice, because the terminal
+signals the whole process group and a wrapper such as `uv run` forwards its own copy
+to us as well; taking that copy for a second press would abandon the checkpoint the
+first one asked for.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
+
+REPEAT_WINDOW_SEC = 1.0
 
 
 class StopRequested(RuntimeError):
@@ -22,8 +29,10 @@ class StopRequested(RuntimeError):
 class GracefulStop:
     """Context manager that records SIGTERM/SIGINT instead of dying mid-step."""
 
-    def __init__(self):
+    def __init__(self, clock=time.monotonic):
         self.signal_number: int | None = None
+        self._first_at: float | None = None
+        self._clock = clock
         self._previous: dict[int, object] = {}
 
     @property
@@ -35,9 +44,11 @@ class GracefulStop:
         return signal.Signals(self.signal_number).name if self.signal_number else ""
 
     def _handle(self, signum, frame):
-        if self.signal_number is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
-        self.signal_number = signum
+        now = self._clock()
+        if self.signal_number is None:
+            self.signal_number, self._first_at = signum, now
+        elif signum == signal.SIGINT and now - self._first_at >= REPEAT_WINDOW_SEC:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():
