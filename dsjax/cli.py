@@ -289,8 +289,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_output_folders(config)
     data_dir = Path(config.training.data_dir)
     needs_data = any(s in stages for s in ("data_prep", *TRAINING_STAGES))
-    must_download = layout.check_data_dir(data_dir, may_download="data_prep" in stages) if needs_data else False
     start_from = Path(args.start_from) if args.start_from else None
+    try:
+        must_download = layout.check_data_dir(data_dir, may_download="data_prep" in stages) if needs_data else False
+    except layout.DataError as err:
+        raise layout.DataError(f"{err}{_start_data_hint(stages, config, run_name, start_from)}") from None
     plans = plan_stages(stages, config, run_name, resume=args.resume, overwrite=args.overwrite, start_from=start_from)
     to_move: list[Path] = []
     for plan in plans:
@@ -404,15 +407,29 @@ def check_stage_flags(stages: list[str], config, args: argparse.Namespace, mesh_
         raise UsageError("--export-dtype q8_0 is a GGUF type; add --export-format gguf, or pick f32, f16 or bf16")
 
 
+def _start_data_hint(stages: list[str], config, run_name: str, start_from: Path | None) -> str:
+    """Post-training only: where the checkpoint it starts from was trained, when that folder is still there."""
+    from dsjax.data import layout
+    from dsjax.train.checkpoint import read_data_record
+
+    if any(s in stages for s in ("data_prep", "pretrain")) or not any(s in stages for s in TRAINING_STAGES):
+        return ""
+    start, whose = start_from or Path(config.training.checkpoint_dir) / run_name / "final", "the start checkpoint"
+    if "distill" in stages and config.distill.teacher:
+        start, whose = Path(config.distill.teacher), "the teacher"
+    recorded = read_data_record(start).get("data_dir")
+    if not recorded or not layout.dataset_ready(Path(recorded)):
+        return ""
+    return f" ({whose} trained on --data-dir {recorded})"
+
+
 def check_teacher_data(teacher: Path, data_dir: Path) -> None:
     """The student trains its tokenizer on data_dir's train split; on other data than the teacher's it
     cannot be the teacher's tokenizer. Refused before that tokenizer is trained (distill checks the files too)."""
     from dsjax.data import layout
+    from dsjax.train.checkpoint import read_data_record
 
-    try:
-        recorded = json.loads((teacher / "training_state.json").read_text()).get("data") or {}
-    except (OSError, ValueError, AttributeError):
-        return  # an older final/ without the record: distill compares the tokenizer files themselves
+    recorded = read_data_record(teacher)  # {} from an older final/: distill compares the tokenizer files themselves
     if not recorded.get("train_sha256") or not layout.dataset_ready(data_dir):
         return
     current = layout.fingerprints(data_dir)

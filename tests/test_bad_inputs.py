@@ -189,6 +189,8 @@ CASES = [
          "{RUN} --data-dir {root}/other --stages distill --teacher {root}/ck/trained/final", 2,
          r"--teacher .*trained/final was trained on .*data_ok \(train [0-9a-f]{16}.* but the student's data is "
          r".*other \(train [0-9a-f]{16}.*must share the tokenizer"),
+    Case("sft on missing data names the start's", "{RUN} --data-dir {root}/empty --stages sft --start-from {root}/ck/trained/final",
+         2, r"data folder .*empty is missing .*\(the start checkpoint trained on --data-dir .*data_ok\)$"),
     Case("sft data missing", f"{{RUN}} {D} --stages sft --start-from {{root}}/ck/trained/final --sft-data {{root}}/nope.txt",
          2, r"--sft-data \(sft\.data\) .*nope\.txt: no such file"),
     Case("distill on a mesh", f"{{RUN}} {D} --stages distill --teacher {{root}}/ck/trained/final --gpus 2 --dp-size 2",
@@ -328,6 +330,23 @@ def test_bad_input_is_one_line_and_changes_nothing(case, world, capfd, monkeypat
     if case.after_work:
         after = {k: v for k, v in after.items() if not k.startswith("scratch/")}
     assert after == before
+
+
+def test_resume_of_a_run_stopped_before_its_first_step_starts_it(world, capfd, monkeypatch):
+    """Ctrl-C during compilation leaves training_config.json and a header-only metrics.csv: nothing to lose."""
+    monkeypatch.chdir(world)
+    (world / "out/early").mkdir(parents=True)
+    (world / "out/early/metrics.csv").write_text((world / "out/trained/metrics.csv").read_text().splitlines()[0] + "\n")
+    shutil.copy(world / "out/trained/training_config.json", world / "out/early/training_config.json")
+    (world / "ck/early").mkdir()
+    args = [*run_args(world, "early"), "--data-dir", str(world / "data_ok"), "--resume"]
+    assert main(args) == 0, capfd.readouterr().err
+    assert (world / "ck/early/final/params").is_dir()
+    assert len((world / "out/early/metrics.csv").read_text().splitlines()) > 1
+    # with a logged row it holds something to lose again
+    shutil.rmtree(world / "ck/early")
+    assert main([*args, "--max-steps", "3"]) == 2
+    assert "holds no step_N checkpoint to continue" in capfd.readouterr().err
 
 
 def test_rerun_is_refused_and_overwrite_moves_the_old_run_aside(world, capfd, monkeypatch):

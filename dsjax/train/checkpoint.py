@@ -309,6 +309,15 @@ def load_config_json(path: Path) -> Config:
         raise CheckpointError(f"{path}: {err}") from None
 
 
+def read_data_record(final_dir: Path) -> dict:
+    """The data a final/ was trained on, as its training_state.json records it ({} when it records none)."""
+    try:
+        record = json.loads((Path(final_dir) / "training_state.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def read_final_config(final_dir: Path) -> Config:
     """The config of a final/ folder, after checking the folder is one (no arrays are read)."""
     final_dir = Path(final_dir).absolute()

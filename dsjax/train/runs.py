@@ -133,13 +133,21 @@ def find_tokenizer(run_dir: Path) -> Path | None:
 def check_nothing_to_lose(paths: RunPaths, run_name: str) -> None:
     """`--resume` found no checkpoint: starting over is fine only if the run's folders hold nothing to lose."""
     held = [(folder, contents(folder)) for folder in paths.folders]
-    held = [(folder, names) for folder, names in held if names]
+    held = [(folder, names) for folder, names in held if names and not _left_before_first_step(folder, names)]
     if held:
         raise RunError(
             f"--resume: {paths.checkpoints} holds no step_N checkpoint to continue, but "
             f"{' and '.join(_summary(f, n) for f, n in held)} exist; pass --overwrite (without --resume) to move "
             f"them aside and start over, or pick a new --run-name"
         )
+
+
+def _left_before_first_step(folder: Path, names: list[str]) -> bool:
+    """What a run stopped before its first logged step leaves: its config and a header-only metrics.csv."""
+    if not set(names) <= {"metrics.csv", "training_config.json"}:
+        return False
+    metrics = Path(folder) / "metrics.csv"
+    return not metrics.is_file() or len(metrics.read_text().splitlines()) <= 1
 
 
 def check_max_steps(step: int, folder: Path, max_steps: int, flag: str = "--max-steps") -> None:
