@@ -17,6 +17,7 @@ data folder and run name are all checked before any tokenizing or compiling.
 from __future__ import annotations
 
 import argparse
+import difflib
 import dataclasses
 import functools
 import json
@@ -109,6 +110,25 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """Flags no parser knows are reported by the (sub)command they were given to, with the nearest known flag."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            chosen = self._chosen_subparser(parsed)
+            names = [o[2:] for action in chosen._actions for o in action.option_strings if o.startswith("--")]
+            flags = [a.split("=")[0][2:] for a in extras if a.startswith("--")]
+            near = difflib.get_close_matches(flags[0], names, n=1, cutoff=0.75) if flags else []
+            chosen.error(f"unrecognized arguments: {' '.join(extras)}" + (f"; did you mean --{near[0]}?" if near else ""))
+        return parsed
+
+    def _chosen_subparser(self, parsed) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                name = getattr(parsed, action.dest, None)
+                if name in action.choices:
+                    return action.choices[name]._chosen_subparser(parsed)
+        return self
 
 
 def finite_float(text: str) -> float:
@@ -680,8 +700,17 @@ def _generate_batch(params, config, tokenizer, prompts_ids, sampling, num_sample
 def cmd_checkpoints_ls(args: argparse.Namespace) -> int:
     from dsjax.train.checkpoint import describe_run
 
-    infos = describe_run(Path(args.run_dir))
+    run_dir = Path(args.run_dir)
+    infos = describe_run(run_dir)
     if not infos:
+        if (run_dir / "params").is_dir() and (run_dir / "config.json").is_file():
+            raise UsageError(f"{args.run_dir} is a final/ checkpoint; list its run folder: dsjax checkpoints ls {run_dir.parent}")
+        runs = sorted(d.name for d in run_dir.iterdir() if d.is_dir() and describe_run(d))
+        if runs:
+            shown = ", ".join(runs[:5]) + (f", ... {len(runs) - 5} more" if len(runs) > 5 else "")
+            raise UsageError(
+                f"{args.run_dir} holds runs ({shown}), not checkpoints; list one: dsjax checkpoints ls {run_dir / runs[0]}"
+            )
         print(f"{args.run_dir}: no checkpoints")
         return 0
     print(f"{'checkpoint':<22} {'step':>8} {'size':>10} {'val_loss':>9}  complete  note")
