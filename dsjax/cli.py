@@ -1026,7 +1026,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     download.add_argument("--out", default="data/stories", help="output folder (default data/stories)")
     download.add_argument("--from", dest="source", metavar="PATH", help="local .txt/.jsonl file or folder instead of the hub")
-    download.add_argument("--max-stories", type=int, help="stop after N stories per split")
+    download.add_argument("--max-stories", type=int, help="stop after N stories per split (from one file: N in all, "
+                          "of which 5%% become the valid split)")
     download.add_argument("--version", choices=("v1", "v2"), default="v1", help="v1 (default) or v2 (GPT-4 only)")
     download.set_defaults(func=cmd_download)
 

@@ -371,6 +371,7 @@ def _train(config, run_name, resume, paths, job: TrainingJob, store, mesh, shape
     store.wait_until_finished()
     summary["checkpoint_blocking_sec"] = store.blocking_seconds
     final_dir = checkpoint.save_final(paths.checkpoints, to_saved(state).params, config, summary, tokenizer.path)
+    log.info("checkpointing blocked training for %.2fs over %d saves", store.blocking_seconds, store.saves)
     if primary:
         plot = paths.outputs / "loss.png"
         if writer.complete or not (writer.log_path.exists() or plot.exists()):
@@ -382,7 +383,6 @@ def _train(config, run_name, resume, paths, job: TrainingJob, store, mesh, shape
                 "from the whole history)", writer.csv_path, writer.first_step, writer.log_path.name, plot.name,
             )
         console.print(f"[bold green]done[/] final checkpoint: {final_dir}  metrics: {writer.csv_path}  plot: {plot}")
-    log.info("checkpointing blocked training for %.2fs over %d saves", store.blocking_seconds, store.saves)
     return summary
 
 
