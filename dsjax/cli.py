@@ -17,8 +17,8 @@ data folder and run name are all checked before any tokenizing or compiling.
 from __future__ import annotations
 
 import argparse
-import difflib
 import dataclasses
+import difflib
 import functools
 import json
 import logging
