@@ -95,10 +95,14 @@ def test_a_failed_read_reports_one_error_and_leaves_nothing_behind(tmp_path, mon
 
     monkeypatch.setattr(checkpoint, "_is_abandoned_read", spy)
     abstract = model.abstract_params(small_config().model)
-    for _ in range(4):
+    for _ in range(40):  # how many reads are still in flight when one fails varies from read to read
         with pytest.raises(checkpoint.UnreadableArrays, match=r"^Exception: Encountered error while reading array"):
             checkpoint.read_arrays(lambda: ocp.StandardCheckpointer().restore(tmp_path / "params", abstract))
-    time.sleep(0.5)  # TensorStore's threads finish the abandoned reads
+        time.sleep(0.05)  # TensorStore's threads finish the abandoned reads
+        gc.collect()
+        if dropped:
+            break
+    time.sleep(0.5)
     gc.collect()
     assert reported == [] and "never retrieved" not in caplog.text
     assert any(dropped), "no leftovers were produced, so this test shows nothing"
