@@ -749,6 +749,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 raise UsageError(f"{flag}: unknown value '{value}' ({', '.join(allowed)})")
     if args.steps <= 0 or args.warmup < 0:
         raise UsageError(f"--steps must be > 0 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise UsageError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    if args.results is not None and not args.json:
+        raise UsageError("--results names the file --json appends to; add --json")
+    results = Path(args.results or bench.RESULTS_FILE)
+    if results.suffix != ".jsonl" or results.is_dir():
+        raise UsageError(f"--results {results}: give a .jsonl file (rows are appended to it), such as {bench.RESULTS_FILE}")
     profile_root = None
     if args.profile is not None:
         profile_root = Path(args.profile).absolute()
@@ -810,7 +817,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             print(f"{row['case']}: " + (row["error"] if "error" in row else f"{row['step_ms_median']:.2f} ms/step"), file=sys.stderr, flush=True)
     if args.json:
-        where = bench.append_results(rows, Path(args.results))
+        where = bench.append_results(rows, results)
         print(f"appended {len(rows)} row(s) to {where}", file=sys.stderr)
     else:
         print(f"{env['device']} x{env['device_count']}, jax {env['jax']}, host memory {env['host_memory']}, commit {env['git_commit']}")
@@ -1075,7 +1082,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default 3)")
     bn.add_argument("--peak-tflops", type=float, help="device bf16 peak for MFU (default: a table of known devices)")
     bn.add_argument("--json", action="store_true", help="one JSON object per case on stdout, appended to --results")
-    bn.add_argument("--results", default=str(Path("benchmarks") / "results.jsonl"), help="JSONL file --json appends to")
+    bn.add_argument("--results", metavar="FILE.jsonl", help="the file --json appends to (default benchmarks/results.jsonl)")
     bn.add_argument("--keep-going", action="store_true", help="record a failing case as an error row and go on")
     bn.add_argument("--profile", metavar="DIR", help="after timing, trace 3 more steps per case into DIR/<case>/ with "
                     "jax.profiler and print where the time went: events and busy ms per step on each device stream "
@@ -1202,17 +1209,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from dsjax.train import host_memory
+    from dsjax.train import host_memory, signals
     from dsjax.train.signals import StopRequested
 
-    if args.command in KEEP_HOST_MEMORY_COMMANDS:
-        bad_env = host_memory.env_error()
-        if bad_env:
-            _say(f"dsjax: error: {bad_env}")
-            return 2
-        host_memory.keep_freed_host_memory()  # before JAX starts its CPU backend
-
+    previous_handler = signals.install_interrupt_handler()
     try:
+        if args.command in KEEP_HOST_MEMORY_COMMANDS:
+            bad_env = host_memory.env_error()
+            if bad_env:
+                _say(f"dsjax: error: {bad_env}")
+                return 2
+            with signals.deferred_interrupts():  # it imports JAX
+                host_memory.keep_freed_host_memory()  # before JAX starts its CPU backend
         return args.func(args)
     except BrokenPipeError:
         _quiet_stdout()
@@ -1242,6 +1250,8 @@ def main(argv: list[str] | None = None) -> int:
             "(rerun with --verbose or LOG_LEVEL=DEBUG for the traceback)"
         )
         return 1
+    finally:
+        signals.restore_interrupt_handler(previous_handler)
 
 
 if __name__ == "__main__":

@@ -261,7 +261,7 @@ CASES = [
     Case("checkpoint is the run folder", "generate --checkpoint {root}/ck/trained", 4,
          r"ck/trained is a run folder; pass its final/ checkpoint: .*ck/trained/final"),
     Case("checkpoint is a step", "generate --checkpoint {root}/ck/trained/step_2", 4,
-         r"step_2 is a training checkpoint; generate reads a final/ folder"),
+         r"step_2 is a training checkpoint; pass a final/ folder such as .*ck/trained/final"),
     Case("params truncated", "generate --checkpoint {root}/ck/broken_params/final", 4,
          r"cannot read the parameters in .*broken_params/final/params"),
     Case("config.json malformed", "generate --checkpoint {root}/ck/bad_json/final", 4, r"config\.json is not valid JSON"),

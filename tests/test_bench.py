@@ -122,5 +122,11 @@ def test_bench_rejects_bad_lists(capsys):
     assert main(["bench", "--seq-len", "abc"]) == 2
     assert main(["bench", "--backend", "mlx", "--moe", "dense"]) == 2
     assert "pick JAX compute paths" in capsys.readouterr().err
+    assert main(["bench", "--peak-tflops", "-1"]) == 2
+    assert "--peak-tflops must be > 0" in capsys.readouterr().err
+    assert main(["bench", "--json", "--results", "README.md"]) == 2
+    assert "give a .jsonl file" in capsys.readouterr().err
+    assert main(["bench", "--results", "rows.jsonl"]) == 2
+    assert "add --json" in capsys.readouterr().err
     assert main(["bench", "--profile", __file__]) == 2
     assert "is a file; give a folder for the traces" in capsys.readouterr().err

@@ -329,7 +329,7 @@ def read_final_config(final_dir: Path) -> Config:
         raise CheckpointError(f"{final_dir} is a run folder; pass its final/ checkpoint: {final_dir / FINAL}")
     if step_number(final_dir) is not None and (final_dir.parent / FINAL).is_dir():
         raise CheckpointError(
-            f"{final_dir} is a training checkpoint; generate reads a final/ folder such as {final_dir.parent / FINAL}"
+            f"{final_dir} is a training checkpoint; pass a final/ folder such as {final_dir.parent / FINAL}"
         )
     missing = [name for name in ("config.json", "params", "tokenizer.model") if not (final_dir / name).exists()]
     if missing:

@@ -10,11 +10,83 @@ first one asked for.
 
 from __future__ import annotations
 
+import gc
+import os
 import signal
 import threading
 import time
 
 REPEAT_WINDOW_SEC = 1.0
+
+# When the CLI's own SIGINT handler last took a Ctrl-C (process-wide, as signals are). The training
+# loop checks it before it starts, in case a KeyboardInterrupt was swallowed on the way.
+_interrupted_at: float | None = None
+_deferring = False
+_redelivering = False
+REDELIVER_AFTER_SEC = 0.05
+
+
+def _in_gc_callback(frame) -> bool:
+    """A KeyboardInterrupt raised in a garbage-collection callback (JAX registers one) is printed as
+    'Exception ignored' with a traceback, and lost."""
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _interrupt(signum, frame):
+    global _interrupted_at, _redelivering
+    now = time.monotonic()
+    if _redelivering:
+        _redelivering = False  # our own second delivery, below
+    elif _interrupted_at is not None and now - _interrupted_at < REPEAT_WINDOW_SEC:
+        return  # the same Ctrl-C, forwarded again by a wrapper such as `uv run`
+    _interrupted_at = now
+    if _deferring:
+        return
+    if _in_gc_callback(frame):
+        _redelivering = True  # raise it again once the collection is over
+        threading.Timer(REDELIVER_AFTER_SEC, os.kill, (os.getpid(), signal.SIGINT)).start()
+        return
+    raise KeyboardInterrupt
+
+
+def install_interrupt_handler():
+    """Ctrl-C before training: KeyboardInterrupt at once, remembered (see above). Returns the handler it replaced."""
+    global _interrupted_at
+    _interrupted_at = None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, _interrupt)
+
+
+def restore_interrupt_handler(previous) -> None:
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, previous)
+
+
+class deferred_interrupts:
+    """Record a Ctrl-C without raising inside the block (a KeyboardInterrupt inside a C++ extension's
+    import can abort the process); raise it when the block ends."""
+
+    def __enter__(self):
+        global _deferring
+        _deferring = True
+
+    def __exit__(self, *exc):
+        global _deferring
+        _deferring = False
+        if _interrupted_at is not None and exc[0] is None:
+            raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """A Ctrl-C since install_interrupt_handler whose KeyboardInterrupt was swallowed: raise it now."""
+    if _interrupted_at is not None:
+        raise KeyboardInterrupt
 
 
 class StopRequested(RuntimeError):
@@ -51,6 +123,7 @@ class GracefulStop:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
 
     def __enter__(self) -> "GracefulStop":
+        raise_if_interrupted()  # a Ctrl-C during start-up that something swallowed
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous[signum] = signal.signal(signum, self._handle)
