@@ -56,14 +56,17 @@ def _interrupt(signum, frame):
 
 def install_interrupt_handler():
     """Ctrl-C before training: KeyboardInterrupt at once, remembered (see above). Returns the handler it replaced."""
-    global _interrupted_at
-    _interrupted_at = None
+    global _interrupted_at, _redelivering
+    _interrupted_at, _redelivering = None, False
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGINT, _interrupt)
 
 
 def restore_interrupt_handler(previous) -> None:
+    """Put back the handler install_interrupt_handler replaced, and forget its record."""
+    global _interrupted_at
+    _interrupted_at = None
     if previous is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, previous)
 
