@@ -271,15 +271,19 @@ def check_mesh(config, args: argparse.Namespace) -> None:
         )
 
 
+def check_folder_flag(flag: str, value) -> None:
+    """A folder we will write into must be one, or not exist yet: a file there (or above it) is refused before any work."""
+    path = Path(value).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == path else f"is inside {existing}, a file"
+        raise UsageError(f"{flag} {value} {where}; give a folder")
+
+
 def check_output_folders(config) -> None:
-    """The work, checkpoint and output folders must be folders or not exist yet: a file there is refused before any work."""
+    """The work, checkpoint and output folders of a run."""
     for flag, key in (("--work-dir", "work_dir"), ("--checkpoint-dir", "checkpoint_dir"), ("--output-dir", "output_dir")):
-        value = getattr(config.training, key)
-        path = Path(value).absolute()
-        existing = next((p for p in (path, *path.parents) if p.exists()), None)
-        if existing is not None and not existing.is_dir():
-            where = "is a file" if existing == path else f"is inside {existing}, a file"
-            raise UsageError(f"{flag} (training.{key}) {value} {where}; give a folder")
+        check_folder_flag(f"{flag} (training.{key})", getattr(config.training, key))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -573,6 +577,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DownloadError(f"--out {out} is a file; it must be a folder (train/ and valid/ are written inside)")
+    check_folder_flag("--out", out)
     existing = [str(split_file(out, s)) for s in SPLITS if split_file(out, s).exists()]
     if existing:
         raise DownloadError(
@@ -869,6 +874,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.work_dir:
+        check_folder_flag("--work-dir", args.work_dir)
     configs = [read_final_config(Path(folder)) for folder in args.checkpoint]  # every folder before any work
     data_dir = Path(args.data_dir or configs[0].training.data_dir)
     layout.check_data_dir(data_dir, may_download=False, has_data_prep=False)
@@ -1134,7 +1141,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "so the prompts are GRPO's held-out eval prompts)")
     ev.add_argument("--temperature", type=finite_float, default=1.0, help="sampling temperature (default 1.0)")
     ev.add_argument("--max-new-tokens", type=int, help="default: the first checkpoint's grpo.max_new_tokens")
-    ev.add_argument("--data-dir", help="folder with valid/stories.jsonl (default: the first checkpoint's training.data_dir)")
+    ev.add_argument("--data-dir", help="data folder (train/ and valid/stories.jsonl; the valid split is read) "
+                    "(default: the first checkpoint's training.data_dir)")
     ev.add_argument("--work-dir", help="where the valid split's token cache goes (default: the checkpoint's training.work_dir)")
     ev.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
     ev.set_defaults(func=cmd_eval)

@@ -308,6 +308,10 @@ CASES = [
          r"found no train or valid split"),
     Case("download over data", "download --out {root}/data_ok --from {root}/other", 2,
          r"already holds .*download never replaces data"),
+    Case("download out inside a file", "download --out {root}/micro.json/x --from {root}/other", 2,
+         r"--out .*micro\.json/x is inside .*micro\.json, a file; give a folder"),
+    Case("eval work dir is a file", "eval --checkpoint {root}/ck/trained/final --work-dir {root}/micro.json", 2,
+         r"--work-dir .*micro\.json is a file; give a folder"),
     Case("download out is a file", "download --out {root}/a_file --from {root}/other", 2, r"a_file is a file"),
     Case("download unknown version", "download --out {root}/dl --version v3", 2, r"--version: invalid choice: 'v3'"),
 ]
