@@ -636,6 +636,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if batched and args.backend == "mlx":
         raise UsageError("--num-samples and --prompts-file run on the JAX backend; drop --backend mlx")
     params, config, _ = load_final(final_dir)
+    room = config.model.max_position_embeddings - max(len(ids) for ids in prompts_ids)
+    if sampling.max_new_tokens > room:  # said once the checkpoint has loaded, so an error stays the only line
+        _say(f"dsjax: note: --max-new-tokens {sampling.max_new_tokens} is more than the {room} tokens the model's "
+             f"{config.model.max_position_embeddings}-token context leaves after the prompt; generation stops there")
     if batched:
         return _generate_batch(params, config, tokenizer, prompts_ids, sampling, args.num_samples)
     prompt_ids = prompts_ids[0]

@@ -359,6 +359,14 @@ def test_resume_of_a_run_stopped_before_its_first_step_starts_it(world, capfd, m
     assert "holds no step_N checkpoint to continue" in capfd.readouterr().err
 
 
+def test_generate_past_the_context_says_where_it_stops(world, capfd):
+    code = main(["generate", "--checkpoint", str(world / "ck/trained/final"), "--max-new-tokens", "200", "--temperature", "0"])
+    err = capfd.readouterr().err
+    assert code == 0, err
+    assert re.search(r"^dsjax: note: --max-new-tokens 200 is more than the \d+ tokens the model's 128-token context "
+                     r"leaves after the prompt; generation stops there$", err, re.M), err
+
+
 def test_rerun_is_refused_and_overwrite_moves_the_old_run_aside(world, capfd, monkeypatch):
     monkeypatch.chdir(world)
     copy_run(world, "trained", "again")
