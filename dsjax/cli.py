@@ -1231,7 +1231,9 @@ def main(argv: list[str] | None = None) -> int:
             if bad_env:
                 _say(f"dsjax: error: {bad_env}")
                 return 2
-            with signals.deferred_interrupts():  # it imports JAX
+            with signals.deferred_interrupts():  # a Ctrl-C inside JAX's import can abort the process
+                import jax  # noqa: F401
+
                 host_memory.keep_freed_host_memory()  # before JAX starts its CPU backend
         return args.func(args)
     except BrokenPipeError:

@@ -26,6 +26,11 @@ _redelivering = False
 REDELIVER_AFTER_SEC = 0.05
 
 
+def _same_press(first_at: float | None, now: float) -> bool:
+    """A SIGINT this soon after the first is that Ctrl-C again (the terminal's copy and `uv run`'s)."""
+    return first_at is not None and now - first_at < REPEAT_WINDOW_SEC
+
+
 def _in_gc_callback(frame) -> bool:
     """A KeyboardInterrupt raised in a garbage-collection callback (JAX registers one) is printed as
     'Exception ignored' with a traceback, and lost."""
@@ -42,7 +47,7 @@ def _interrupt(signum, frame):
     now = time.monotonic()
     if _redelivering:
         _redelivering = False  # our own second delivery, below
-    elif _interrupted_at is not None and now - _interrupted_at < REPEAT_WINDOW_SEC:
+    elif _same_press(_interrupted_at, now):
         return  # the same Ctrl-C, forwarded again by a wrapper such as `uv run`
     _interrupted_at = now
     if _deferring:
@@ -122,7 +127,7 @@ class GracefulStop:
         now = self._clock()
         if self.signal_number is None:
             self.signal_number, self._first_at = signum, now
-        elif signum == signal.SIGINT and now - self._first_at >= REPEAT_WINDOW_SEC:
+        elif signum == signal.SIGINT and not _same_press(self._first_at, now):
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
 
     def __enter__(self) -> "GracefulStop":
