@@ -585,9 +585,9 @@ def cmd_download(args: argparse.Namespace) -> int:
             "or move that folder away first"
         )
     if args.source:
-        stats = prepare_from_local(Path(args.source), out, args.max_stories)
+        stats = prepare_from_local(Path(args.source), out, args.max_stories, version=args.version)
     else:
-        stats = download_from_hub(out, args.version, args.max_stories)
+        stats = download_from_hub(out, args.version or "v1", args.max_stories)
     for split, s in stats.items():
         print(
             f"{split}: {s.stories} stories -> {out / split / 'stories.jsonl'} "
@@ -1046,7 +1046,8 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--from", dest="source", metavar="PATH", help="local .txt/.jsonl file or folder instead of the hub")
     download.add_argument("--max-stories", type=int, help="stop after N stories per split (from one file: N in all, "
                           "of which 5%% become the valid split)")
-    download.add_argument("--version", choices=("v1", "v2"), default="v1", help="v1 (default) or v2 (GPT-4 only)")
+    download.add_argument("--version", choices=("v1", "v2"), help="v1 (default) or v2 (GPT-4 only); with --from a folder "
+                          "holding the hub's official .txt files of both, which to read")
     download.set_defaults(func=cmd_download)
 
     gen = sub.add_parser("generate", allow_abbrev=False, help="continue a prompt with a trained checkpoint",

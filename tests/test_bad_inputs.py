@@ -314,6 +314,10 @@ CASES = [
          r"--work-dir .*micro\.json is a file; give a folder"),
     Case("download out is a file", "download --out {root}/a_file --from {root}/other", 2, r"a_file is a file"),
     Case("download unknown version", "download --out {root}/dl --version v3", 2, r"--version: invalid choice: 'v3'"),
+    Case("download version of one file", "download --out {root}/dl --from {root}/one_story.txt --version v2", 2,
+         r"one_story\.txt is one file, read as it is; --version picks between the hub's official files"),
+    Case("download version not in the folder", "download --out {root}/dl --from {root}/other --version v2", 2,
+         r"--version v2: no TinyStoriesV2-GPT4-train\.txt \+ TinyStoriesV2-GPT4-valid\.txt there"),
 ]
 
 

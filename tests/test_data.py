@@ -53,6 +53,36 @@ def test_download_from_folder_layout_with_limit(tmp_path, tinystories_dir):
     assert read_jsonl(tmp_path / "out/train/stories.jsonl")[0] == first
 
 
+def write_official_files(folder, versions):
+    """The hub's .txt files of each version in `versions`, each story naming its version and split."""
+    from dsjax.data.download import HUB_FILES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for version in versions:
+        for split, name in HUB_FILES[version].items():
+            body = "".join(f"A {version} {split} story number {i}.\n<|endoftext|>\n" for i in range(3))
+            (folder / name).write_text(body, encoding="utf-8")
+
+
+@pytest.mark.parametrize("version", [None, "v1", "v2"])
+def test_version_picks_the_official_files_of_a_folder_holding_both(tmp_path, version):
+    write_official_files(tmp_path / "raw", ["v1", "v2"])
+    prepare_from_local(tmp_path / "raw", tmp_path / "out", version=version)
+    for split in ("train", "valid"):
+        assert read_jsonl(tmp_path / f"out/{split}/stories.jsonl") == [
+            f"A {version or 'v1'} {split} story number {i}." for i in range(3)
+        ]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_hub_download_fetches_the_named_version(tmp_path, version):
+    """The real fetch code over file:// URLs (no network here): --version chooses which files are fetched."""
+    write_official_files(tmp_path / "hub", ["v1", "v2"])
+    stats = download_from_hub(tmp_path / "out", version, base_url=(tmp_path / "hub").as_uri())
+    assert stats["train"].stories == 3 and stats["valid"].stories == 3
+    assert read_jsonl(tmp_path / "out/valid/stories.jsonl")[0] == f"A {version} valid story number 0."
+
+
 def test_unreachable_hub_fails_with_one_line_pointing_to_from(tmp_path):
     with pytest.raises(DownloadError, match=r"cannot reach the Hugging Face hub .*--from PATH") as err:
         download_from_hub(tmp_path / "out", base_url="http://127.0.0.1:9", timeout=2)

@@ -173,17 +173,51 @@ def _find_split_file(folder: Path, split: str) -> Path | None:
     return None
 
 
+def _official_files(folder: Path, version: str | None) -> dict[str, Path] | None:
+    """The hub's .txt files of `version` in `folder`; without a version, v1's if both are there.
+
+    None when `version` is None and the folder holds neither version's pair (other layouts
+    are then looked for). A named version that is not there is refused.
+    """
+    present = {
+        v: {split: folder / name for split, name in names.items()}
+        for v, names in HUB_FILES.items()
+        if all((folder / name).is_file() for name in names.values())
+    }
+    if version is None:
+        return present.get("v1") or present.get("v2")
+    if version not in present:
+        names = " + ".join(HUB_FILES[version].values())
+        raise DownloadError(
+            f"--from {folder} --version {version}: no {names} there; --version picks between the hub's "
+            "official files, so leave it out to read the folder's other files"
+        )
+    return present[version]
+
+
 def prepare_from_local(
-    source: Path, out: Path, max_stories: int | None = None, valid_fraction: float = 0.05
+    source: Path, out: Path, max_stories: int | None = None, valid_fraction: float = 0.05, version: str | None = None
 ) -> dict[str, SplitStats]:
-    """Read local TinyStories files into the train/valid JSONL layout under `out`."""
+    """Read local TinyStories files into the train/valid JSONL layout under `out`.
+
+    `version` (v1/v2) picks the hub's official files of that version in a folder holding
+    them (v1's when a folder holds both and no version is named); it has no meaning for
+    one file, which is refused.
+    """
     source = Path(source)
     check_max_stories(max_stories)
+    if version is not None and version not in HUB_FILES:
+        raise DownloadError(f"unknown TinyStories version '{version}' (choose v1 or v2)")
     if not source.exists():
         raise DownloadError(f"--from {source}: no such file or folder")
+    if version is not None and not source.is_dir():
+        raise DownloadError(
+            f"--from {source} is one file, read as it is; --version picks between the hub's official "
+            "files in a folder: leave it out"
+        )
     stats = {split: SplitStats() for split in SPLITS}
     if source.is_dir():
-        files = {split: _find_split_file(source, split) for split in SPLITS}
+        files = _official_files(source, version) or {split: _find_split_file(source, split) for split in SPLITS}
         missing = [s for s, f in files.items() if f is None]
         if missing:
             raise DownloadError(
@@ -251,6 +285,6 @@ def download_from_hub(
     try:
         for split, name in HUB_FILES[version].items():
             _fetch(f"{base_url}/{name}", raw_dir / name, timeout)
-        return prepare_from_local(raw_dir, out, max_stories)
+        return prepare_from_local(raw_dir, out, max_stories, version=version)
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
