@@ -115,9 +115,10 @@ class Case:
     @property
     def label(self) -> str:
         t, m = self.config.training, self.config.model
+        accumulation = f" accum={t.accumulation}" if t.gradient_accumulation_steps > 1 else ""
         return (
             f"{self.model_size} {t.batch_size}x{t.gradient_accumulation_steps}x{t.seq_len} "
-            f"moe={m.moe_impl} attn={m.attention_impl} remat={m.remat}"
+            f"moe={m.moe_impl} attn={m.attention_impl} remat={m.remat}{accumulation}"
         )
 
 
@@ -224,19 +225,23 @@ def run_case(
 
     device = jax.devices()[0]
     tokens_per_step = t.gradient_accumulation_steps * t.batch_size * t.seq_len
-    moe_path, attention_path = _resolved_paths(c, t.batch_size * t.seq_len, mesh)
+    folded = getattr(step_fn, "accumulation", "scan") == "fold"
+    microbatch_tokens = t.batch_size * t.seq_len * (t.gradient_accumulation_steps if folded else 1)
+    moe_path, attention_path = _resolved_paths(c, microbatch_tokens, mesh)
     flops_token = train_flops_per_token(c, t.seq_len)
     peak = peak_tflops(device.device_kind, peak_override)
     n_devices = shape.devices
     return {
         "case": case.label.replace(f"moe={c.moe_impl}", f"moe={c.moe_impl}({moe_path})" if c.moe_impl == "auto" else f"moe={c.moe_impl}")
-        .replace(f"attn={c.attention_impl}", f"attn={c.attention_impl}({attention_path})" if c.attention_impl == "auto" else f"attn={c.attention_impl}"),
+        .replace(f"attn={c.attention_impl}", f"attn={c.attention_impl}({attention_path})" if c.attention_impl == "auto" else f"attn={c.attention_impl}")
+        .replace("accum=auto", f"accum=auto({getattr(step_fn, 'accumulation', 'scan')})"),
         "model_size": case.model_size,
         "moe_path": moe_path,
         "attention_path": attention_path,
         "moe_impl": c.moe_impl,
         "attention_impl": c.attention_impl,
         "remat": c.remat,
+        "accumulation": getattr(step_fn, "accumulation", "scan"),
         "batch_size": t.batch_size,
         "grad_accum": t.gradient_accumulation_steps,
         "seq_len": t.seq_len,

@@ -70,6 +70,7 @@ RUN_OVERRIDES = {
     "microbatches": ("distributed", "microbatches"),
     "pipeline_repeats": ("distributed", "pipeline_repeats"),
     "ep_dispatch": ("distributed", "ep_dispatch"),
+    "accumulation": ("training", "accumulation"),
     "moe": ("model", "moe_impl"),
     "attention": ("model", "attention_impl"),
     "sft_data": ("sft", "data"),
@@ -748,9 +749,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batches, accums, seqs = _csv(args.batch_size, int), _csv(args.grad_accum, int), _csv(args.seq_len, int)
     except ValueError as err:
         raise UsageError(f"--batch-size/--grad-accum/--seq-len take integers or comma lists: {err}") from None
-    moes, attns, remats = _csv(args.moe), _csv(args.attention), _csv(args.remat)
+    moes, attns, remats, folds = _csv(args.moe), _csv(args.attention), _csv(args.remat), _csv(args.accumulation)
     for flag, key, values in (
         ("--moe", "model.moe_impl", moes), ("--attention", "model.attention_impl", attns), ("--remat", "model.remat", remats),
+        ("--accumulation", "training.accumulation", folds),
     ):
         allowed = config_choices(key)
         for value in values:
@@ -776,15 +778,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         trace_summary.enable_cpu_op_events()  # before JAX starts its CPU backend
     cases = []
-    for size, moe, attn, remat, b, a, t in itertools.product(
-        sizes, moes or [None], attns or [None], remats or [None], batches or [None], accums or [None], seqs or [None]
+    for size, moe, attn, remat, b, a, t, fold in itertools.product(
+        sizes, moes or [None], attns or [None], remats or [None], batches or [None], accums or [None], seqs or [None],
+        folds or [None],
     ):
         overrides = {
             "model": {
                 k: v for k, v in (("moe_impl", moe), ("attention_impl", attn), ("remat", remat)) if v is not None
             },
             "training": {
-                k: v for k, v in (("batch_size", b), ("gradient_accumulation_steps", a), ("seq_len", t)) if v is not None
+                k: v
+                for k, v in (("batch_size", b), ("gradient_accumulation_steps", a), ("seq_len", t), ("accumulation", fold))
+                if v is not None
             },
             "distributed": {
                 a_: getattr(args, a_) for a_ in ("pp_size", "dp_size", "tp_size", "ep_size", "sp_size") if getattr(args, a_) is not None
@@ -959,6 +964,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-steps", type=int)
     run.add_argument("--batch-size", type=int, help="sequences per micro-batch")
     run.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    run.add_argument("--accumulation", choices=config_choices("training.accumulation"),
+                     help="how the micro-batches run (training.accumulation, same gradient): scan = one after another, "
+                     "fold = as one batch, auto (default) = fold on a GPU when the batch fits easily")
     run.add_argument("--seq-len", type=int)
     run.add_argument("--learning-rate", type=finite_float)
     run.add_argument("--warmup-steps", type=int)
@@ -1089,6 +1097,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--remat", help=f"rematerialisation policy(ies): {','.join(config_choices('model.remat'))} (model.remat; comma list)")
     bn.add_argument("--batch-size", help="sequences per micro-batch (comma list)")
     bn.add_argument("--grad-accum", help="micro-batches per optimizer step (comma list)")
+    bn.add_argument("--accumulation", help="how the micro-batches run: "
+                    f"{','.join(config_choices('training.accumulation'))} (training.accumulation; comma list)")
     bn.add_argument("--seq-len", help="tokens per sequence (comma list)")
     bn.add_argument("--steps", type=int, default=20, help="timed steps per case (default 20)")
     bn.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default 3)")

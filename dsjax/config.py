@@ -102,6 +102,10 @@ class TrainingConfig:
     batch_size: int = 16
     seq_len: int = 256
     gradient_accumulation_steps: int = 1
+    # how the accumulation microbatches run (same gradient; free to change on --resume):
+    # scan = one after another (memory of one microbatch), fold = as one batch (fewer, larger
+    # kernels), auto = fold on an accelerator when the whole batch fits easily (dsjax.train.step)
+    accumulation: str = "auto"
     max_steps: int = 300
     learning_rate: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -243,6 +247,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.attention_impl": ("auto", "xla", "blocked", "cudnn", "pallas"),
     "model.rope_scaling.type": ("yarn",),
     "training.lr_schedule": ("cosine", "wsd", "constant"),
+    "training.accumulation": ("auto", "scan", "fold"),
     "distributed.ep_dispatch": ("mask", "all_to_all"),
     "grpo.loss_aggregation": ("grpo", "dr_grpo", "dapo"),
 }

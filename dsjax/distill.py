@@ -67,6 +67,7 @@ def distill_objective(teacher_config: Config, temperature: float, alpha: float):
 
         return loss
 
+    objective.foldable = True  # token means over equal microbatches, like pretraining's
     return objective
 
 

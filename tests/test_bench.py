@@ -51,7 +51,7 @@ def test_bench_json_rows(tmp_path, capsys):
     for key in (
         "device", "jax", "git_commit", "compile_sec", "step_ms_median", "step_ms_p10", "step_ms_p90",
         "steps_per_sec", "tokens_per_sec", "flops_per_token", "mfu", "peak_memory_gib", "compiled_memory_gib",
-        "moe_impl", "attention_impl", "seq_len", "batch_size",
+        "moe_impl", "attention_impl", "seq_len", "batch_size", "accumulation", "back_to_back_ms_per_step",
     ):
         assert key in row, key
     assert row["batch_size"] == 2 and row["seq_len"] == 32

@@ -13,7 +13,16 @@ from dsjax.cli import main
 from dsjax.config import load_config
 from dsjax.train.metrics import METRIC_COLUMNS
 from dsjax.train.optimizer import decay_mask, lr_schedule
-from dsjax.train.step import accumulated_gradients, init_state
+from dsjax.train.step import (
+    FOLD_ACTIVATION_BYTES,
+    FOLD_MEMORY_SHARE,
+    accumulated_gradients,
+    fold_fits,
+    fold_microbatches,
+    init_state,
+    make_train_step,
+    resolve_accumulation,
+)
 
 
 def run_cli(*args) -> int:
@@ -187,3 +196,39 @@ def test_weight_decay_skips_norms_and_biases():
     assert mask["layers"]["0"]["input_layernorm"]["scale"] is False
     assert mask["layers"]["1"]["mlp"]["gate"]["e_score_correction_bias"] is False
     assert mask["layers"]["0"]["self_attn"]["kv_b_proj"]["kernel"] is True
+
+
+def test_folded_accumulation_is_the_same_step():
+    """training.accumulation=fold runs the A microbatches as one batch: same loss, metrics and gradient norm."""
+    config = load_config("nano")
+    small = dataclasses.replace(config.model, num_hidden_layers=2, num_nextn_predict_layers=1)
+    config = dataclasses.replace(config, model=small)
+    windows = np.asarray(jax.random.randint(jax.random.key(0), (4, 2, 33), 0, small.vocab_size))
+    results = {}
+    for mode in ("scan", "fold"):
+        c = dataclasses.replace(
+            config, training=dataclasses.replace(config.training, batch_size=2, gradient_accumulation_steps=4, accumulation=mode)
+        )
+        step = make_train_step(c)
+        assert step.accumulation == mode
+        _, results[mode] = step(init_state(c, jax.random.key(1)), windows)
+    for key in ("loss", "ce_loss", "mtp_loss", "balance_loss", "grad_norm", "expert_imbalance"):
+        np.testing.assert_allclose(float(results["fold"][key]), float(results["scan"][key]), rtol=1e-5, err_msg=key)
+    folded = np.asarray(fold_microbatches(windows))
+    assert folded.shape == (1, 8, 33)
+    assert sorted(map(tuple, folded[0])) == sorted(map(tuple, windows.reshape(8, 33)))  # every row, once
+
+
+def test_accumulation_auto_folds_only_what_fits():
+    config = load_config("tiny")  # 4 x 4 x 256 tokens, 256 hidden units, 4 layers + 1 MTP block
+    folded_bytes = 16 * 256 * 256 * 5 * FOLD_ACTIVATION_BYTES
+    assert fold_fits(config, 1, int(folded_bytes / FOLD_MEMORY_SHARE))
+    assert not fold_fits(config, 1, int(folded_bytes / FOLD_MEMORY_SHARE) - 1)
+    assert fold_fits(config, 2, int(folded_bytes / FOLD_MEMORY_SHARE / 2))  # dp splits the batch
+    assert not fold_fits(config, 1, None)  # a device that reports no memory limit
+    assert resolve_accumulation(config) == "scan"  # CPU: auto scans
+    fold = dataclasses.replace(config, training=dataclasses.replace(config.training, accumulation="fold"))
+    assert resolve_accumulation(fold) == "fold"
+    assert resolve_accumulation(fold, foldable=False) == "scan"  # per-microbatch weighted means (SFT)
+    one = dataclasses.replace(fold, training=dataclasses.replace(fold.training, gradient_accumulation_steps=1))
+    assert resolve_accumulation(one) == "scan"

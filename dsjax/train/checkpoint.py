@@ -45,6 +45,7 @@ RESUMABLE_TRAINING_KEYS = {
     "max_steps", "eval_interval", "eval_batches", "checkpoint_interval", "log_interval", "max_to_keep",
     "keep_every", "run_name", "data_dir", "work_dir", "checkpoint_dir", "output_dir", "learning_rate",
     "min_lr_ratio", "warmup_steps", "lr_schedule", "wsd_decay_fraction", "weight_decay", "grad_clip",
+    "accumulation",
 }
 
 # model keys that pick a compute path, not the function: free to change on resume

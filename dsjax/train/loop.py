@@ -255,6 +255,11 @@ def _train(config, run_name, resume, paths, job: TrainingJob, store, mesh, shape
         extras_shardings=job.step_args_shardings if mesh is not None else None,
     )
     step_args = job.step_args
+    if accum > 1:
+        log.info(
+            "gradient accumulation: %d microbatches of %d %s (training.accumulation=%s)", accum, micro,
+            "run as one batch" if train_step.accumulation == "fold" else "one after another", t.accumulation,
+        )
     eval_step = make_eval_step(config, mesh=mesh)
     batch_layout = batch_sharding(mesh) if mesh is not None else None
     local_micro = micro // jax.process_count()

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
@@ -113,9 +114,58 @@ def accumulated_gradients(grad_fn, params, batch_ABT1):
     return jax.tree.map(lambda g: g / A, grads), jax.tree.map(lambda m: jnp.sum(m, axis=0) / A, metrics_A)
 
 
+def fold_microbatches(batch_ABT1):
+    """[A, B, ...] -> [1, B * A, ...]: the accumulation microbatches as one batch.
+
+    B stays the outer axis, so a B split over the data-parallel axes stays where it is.
+    """
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(1, x.shape[0] * x.shape[1], *x.shape[2:]), batch_ABT1)
+
+
+# `accumulation: auto` folds when the folded step's activations, estimated at this many bytes
+# per token x hidden unit x block (decoder layers + MTP), take at most FOLD_MEMORY_SHARE of the
+# device's memory. H200, bf16, `tiny`: folding its 4 x 4 x 256 batch raised the peak from
+# 0.76 to 1.52 GiB, 3 x 1,024 more tokens at 256 hidden units x 5 blocks: 207 bytes (BENCHMARKS.md).
+FOLD_ACTIVATION_BYTES = 256
+FOLD_MEMORY_SHARE = 0.25
+
+
+def resolve_accumulation(config: Config, mesh=None, foldable: bool = True) -> str:
+    """"scan" or "fold": how `training.accumulation` runs this step's microbatches.
+
+    Folding gives the same gradient when every microbatch's loss is a mean over the same
+    number of tokens (pretraining, distillation); losses that are weighted means per
+    microbatch (SFT) always scan, as do pipeline stages (they split the batch themselves).
+    `auto` folds on an accelerator when `fold_fits`; CPU scans (not measured there).
+    """
+    t = config.training
+    if t.gradient_accumulation_steps == 1 or not foldable or pipeline_stages(mesh) > 1:
+        return "scan"
+    if t.accumulation != "auto":
+        return t.accumulation
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    if device.platform == "cpu":
+        return "scan"
+    data_parallel = 1 if mesh is None else int(np.prod([dict(mesh.shape).get(a, 1) for a in BATCH_AXES]))
+    return "fold" if fold_fits(config, data_parallel, (device.memory_stats() or {}).get("bytes_limit")) else "scan"
+
+
+def fold_fits(config: Config, data_parallel: int, device_memory: int | None) -> bool:
+    """Whether the folded step's estimated activations take at most FOLD_MEMORY_SHARE of a device's memory."""
+    if not device_memory:
+        return False
+    t, c = config.training, config.model
+    tokens = t.gradient_accumulation_steps * t.batch_size * t.seq_len // data_parallel
+    blocks = c.num_hidden_layers + c.num_nextn_predict_layers
+    return tokens * c.hidden_size * blocks * FOLD_ACTIVATION_BYTES <= FOLD_MEMORY_SHARE * device_memory
+
+
 def pretrain_objective(config: Config, moe_impl: str = "auto", microbatches: int = 1):
     """objective(params, window_BT1, extras) -> (loss, metrics): next-token CE + MTP + balance terms."""
     return lambda p, w, _extras: model.loss_fn(p, w, config.model, moe_impl=moe_impl, microbatches=microbatches)
+
+
+pretrain_objective.foldable = True  # a token mean over equal microbatches: folding keeps the gradient
 
 
 def sft_objective(config: Config, moe_impl: str = "auto", microbatches: int = 1):
@@ -128,6 +178,9 @@ def sft_objective(config: Config, moe_impl: str = "auto", microbatches: int = 1)
 def make_train_step(config: Config, moe_impl: str = "auto", mesh=None, objective=None, extras_shardings=None):
     """train_step(state, batch_ABT1, *extras) -> (state, metrics); A = gradient-accumulation microbatches.
 
+    The A microbatches run one after another, or as one batch (`resolve_accumulation`);
+    `train_step.accumulation` says which.
+
     `objective(config, moe_impl, microbatches)` builds the loss (default: pretraining's);
     `extras` are inputs the loss reads but does not train (distillation's teacher params),
     laid out by `extras_shardings` under a mesh. With a mesh, the state is laid out by the
@@ -139,11 +192,15 @@ def make_train_step(config: Config, moe_impl: str = "auto", mesh=None, objective
     optimizer = make_optimizer(t)
     schedule = lr_schedule(t)
     M = microbatches_for(config, mesh)
-    loss = (objective or pretrain_objective)(config, moe_impl, M)
+    objective = objective or pretrain_objective
+    loss = objective(config, moe_impl, M)
+    fold = resolve_accumulation(config, mesh, getattr(objective, "foldable", False)) == "fold"
 
     def train_step(state: TrainState, batch_ABT1, *extras):
         loss_fn = lambda p, w: loss(p, w, extras)  # noqa: E731
         grad_fn = jax.value_and_grad(with_scheme(config.distributed.ep_dispatch, loss_fn), has_aux=True)
+        if fold:
+            batch_ABT1 = fold_microbatches(batch_ABT1)
         grads, metrics = accumulated_gradients(grad_fn, state.params, batch_ABT1)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -156,7 +213,9 @@ def make_train_step(config: Config, moe_impl: str = "auto", mesh=None, objective
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     if mesh is None:
-        return jax.jit(train_step, donate_argnums=0)
+        jitted = jax.jit(train_step, donate_argnums=0)
+        jitted.accumulation = "fold" if fold else "scan"
+        return jitted
     shardings = state_shardings_for(config, mesh)
     extras_in = () if extras_shardings is None else tuple(extras_shardings)
     jitted = jax.jit(
@@ -171,6 +230,7 @@ def make_train_step(config: Config, moe_impl: str = "auto", mesh=None, objective
             return jitted(state, batch_ABT1, *extras)
 
     sharded_step.jitted = jitted  # for inspection (compiled memory, HLO) under `jax.set_mesh(mesh)`
+    sharded_step.accumulation = "fold" if fold else "scan"
     return sharded_step
 
 
