@@ -1,7 +1,7 @@
 """Where the time goes on XLA:CPU: the train step's ops, and batch-1 generation.
 
     uv run python benchmarks/cpu_profile.py [--model-size nano] [--top 25]
-    uv run python benchmarks/cpu_profile.py --generate [--runs 15]
+    uv run python benchmarks/cpu_profile.py --generate [--model-size nano] [--new-tokens 200] [--runs 15] [--top 0]
 
 Train step: 3 steps under `jax.profiler` (XLA:CPU emits one trace event per thunk when
 started with --xla_cpu_enable_xprof_traceme, which this script sets), summed per op
@@ -12,7 +12,8 @@ Op times overlap on two cores, so they add up to more than the wall time.
 
 --generate: `sample_batch` of 200 new tokens after a 4-token prompt, random weights,
 temperature 0.8, one row; the median of --runs calls (compile excluded), then the
-ops of one call per token.
+ops of one call per token (--top 0 skips them; on a GPU, benchmarks/gpu_session.sh
+uses it for the timing alone).
 """
 
 from __future__ import annotations
@@ -76,27 +77,31 @@ def profile_train_step(size: str, top: int) -> None:
         print(f"{us / 1e3:8.2f} ms  {label}")
 
 
-def profile_generation(runs: int, top: int) -> None:
+def profile_generation(size: str, new_tokens: int, runs: int, top: int) -> None:
     from dsjax import model
     from dsjax.config import load_config
     from dsjax.infer.generate import SamplingConfig
     from dsjax.infer.sampler import sample_batch
 
-    c = load_config("nano").model
-    params = model.init(c, jax.random.key(0))
+    c = load_config(size).model
+    params = model.init(c, jax.random.key(0))  # random weights: no early end of text
     prompt = [1, 50, 60, 70]
-    sample_batch(params, c, [prompt], SamplingConfig(max_new_tokens=200, temperature=0.8))  # compile
+    sampling = lambda seed: SamplingConfig(max_new_tokens=new_tokens, temperature=0.8, seed=seed)  # noqa: E731
+    begin = time.perf_counter()
+    sample_batch(params, c, [prompt], sampling(0))
+    print(f"first call (compiles) {time.perf_counter() - begin:.1f} s")
     rates = []
     for seed in range(runs):
         begin = time.perf_counter()
-        out = sample_batch(params, c, [prompt], SamplingConfig(max_new_tokens=200, temperature=0.8, seed=seed))
+        out = sample_batch(params, c, [prompt], sampling(seed))
         rates.append(len(out[0]) / (time.perf_counter() - begin))
     rates.sort()
-    print(f"nano batch 1, 200 tokens: median {rates[len(rates) // 2]:.0f} tokens/s over {runs} calls "
-          f"(min {rates[0]:.0f}, max {rates[-1]:.0f})")
-    totals = trace_op_times(lambda: sample_batch(params, c, [prompt], SamplingConfig(max_new_tokens=200, temperature=0.8)), 200)
-    for name, us in totals.most_common(top):
-        print(f"{us:8.1f} us/token  {name}")
+    print(f"{size} batch 1, {new_tokens} tokens on {jax.devices()[0].device_kind}: median {rates[len(rates) // 2]:.0f} "
+          f"tokens/s over {runs} calls (min {rates[0]:.0f}, max {rates[-1]:.0f})")
+    if top:
+        totals = trace_op_times(lambda: sample_batch(params, c, [prompt], sampling(0)), new_tokens)
+        for name, us in totals.most_common(top):
+            print(f"{us:8.1f} us/token  {name}")
 
 
 def main() -> None:
@@ -104,10 +109,11 @@ def main() -> None:
     parser.add_argument("--model-size", default="nano")
     parser.add_argument("--generate", action="store_true", help="profile batch-1 generation instead")
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--new-tokens", type=int, default=200, help="tokens per generation call (--generate)")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     if args.generate:
-        profile_generation(args.runs, args.top)
+        profile_generation(args.model_size, args.new_tokens, args.runs, args.top)
     else:
         profile_train_step(args.model_size, args.top)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session (an H100/H200 lent for minutes): kernels, then train steps, then a CLI run.
-# From the repo root on the GPU machine:  bash benchmarks/gpu_session.sh [kernels] [steps] [profile] [memory] [cli]
+# From the repo root on the GPU machine:  bash benchmarks/gpu_session.sh [kernels] [steps] [profile] [tiny] [generate] [memory] [cli]
 # Needs .gpu/whl (grain's wheels), .gpu/tinystories (the data) and .gpu/vocab8k.json; see BUILD.md.
 set -u
 export PYTHONUNBUFFERED=1
@@ -29,6 +29,16 @@ for part in $PARTS; do
           --profile /tmp/dsjax-profile >> "$OUT/profile.log" 2>&1
       done
       grep -vE "^\{|^appended" "$OUT/profile.log" | cut -c1-200 | tail -50 ;;
+    tiny)  # accumulation scan vs fold (each step waited for, and back to back); then kernels without CUDA graphs
+      timeout 60 "${B[@]}" --model-size tiny --moe pallas --attention cudnn --accumulation scan,fold > "$OUT/tiny.log" 2>&1
+      grep -E "ms/step|error" "$OUT/tiny.log" | cut -c1-200
+      XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 45 "${B[@]}" --steps 5 --warmup 2 --model-size tiny --moe pallas \
+        --attention cudnn --accumulation fold --profile /tmp/dsjax-profile-nocb >> "$OUT/tiny.log" 2>&1
+      grep -vE "^\{|^appended" "$OUT/tiny.log" | cut -c1-200 | tail -40 ;;
+    generate)  # tiny batch-1 generation, 1,000 tokens, random weights
+      timeout 60 python3 benchmarks/cpu_profile.py --generate --model-size tiny --new-tokens 1000 --runs 5 --top 0 \
+        > "$OUT/generate.log" 2>&1
+      tail -3 "$OUT/generate.log" ;;
     memory)
       timeout 55 "${B[@]}" --steps 3 --warmup 1 --model-size small --batch-size 64 --seq-len 1024 --moe pallas \
         --attention pallas > "$OUT/memory.log" 2>&1 ;;
