@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session (an H100/H200 lent for minutes): kernels, then train steps, then a CLI run.
-# From the repo root on the GPU machine:  bash benchmarks/gpu_session.sh [kernels] [steps] [profile] [tiny] [generate] [memory] [cli]
+# From the repo root on the GPU machine:  bash benchmarks/gpu_session.sh [kernels] [steps] [profile] [tiny] [smallprofile] [generate] [memory] [cli]
 # Needs .gpu/whl (grain's wheels), .gpu/tinystories (the data) and .gpu/vocab8k.json; see BUILD.md.
 set -u
 export PYTHONUNBUFFERED=1
@@ -35,6 +35,10 @@ for part in $PARTS; do
       XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 45 "${B[@]}" --steps 5 --warmup 2 --model-size tiny --moe pallas \
         --attention cudnn --accumulation fold --profile /tmp/dsjax-profile-nocb >> "$OUT/tiny.log" 2>&1
       grep -vE "^\{|^appended" "$OUT/tiny.log" | cut -c1-200 | tail -40 ;;
+    smallprofile)  # where small's step goes (35% MFU target): top kernels by name, CUDA graphs off
+      XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 75 "${B[@]}" --steps 5 --warmup 2 --model-size small \
+        --moe pallas --attention cudnn --profile /tmp/dsjax-profile-small > "$OUT/smallprofile.log" 2>&1
+      grep -vE "^\{|^appended" "$OUT/smallprofile.log" | cut -c1-200 | tail -30 ;;
     generate)  # tiny batch-1 generation, 1,000 tokens, random weights
       timeout 60 python3 benchmarks/cpu_profile.py --generate --model-size tiny --new-tokens 1000 --runs 5 --top 0 \
         > "$OUT/generate.log" 2>&1

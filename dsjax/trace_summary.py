@@ -116,7 +116,10 @@ def _event_op(event: dict) -> str:
     return str(args.get("hlo_op") or args.get("long_name") or event["name"]).split(" ")[0].lstrip("%")
 
 
-def summarize(path: Path, steps: int, wall_sec: float, sources: dict[str, str] | None = None, top: int = 12) -> dict:
+SHORT_OP_US = 5.0
+
+
+def summarize(path: Path, steps: int, wall_sec: float, sources: dict[str, str] | None = None, top: int = 20) -> dict:
     """Per-step lines and top ops of a trace of `steps` steps that took wall_sec."""
     events, names = load_events(path)
     by_line: dict[tuple[int, int], list[dict]] = collections.defaultdict(list)
@@ -142,11 +145,15 @@ def summarize(path: Path, steps: int, wall_sec: float, sources: dict[str, str] |
     for e in op_events:
         per_op[_event_op(e)].append(e["dur"])
     ranked = sorted(per_op.items(), key=lambda kv: -sum(kv[1]))[:top]
+    short = [e["dur"] for e in op_events if e["dur"] < SHORT_OP_US]
     return {
         "trace": str(path),
         "wall_ms_per_step": round(wall_sec / steps * 1e3, 3),
         "ops_line": names[chosen] if chosen else "host (all threads)",
         "lines": lines[:8],
+        # ops shorter than SHORT_OP_US: many of them means launch latency, not arithmetic, sets the pace
+        "short_ops_per_step": round(len(short) / steps, 1),
+        "short_ops_ms_per_step": round(sum(short) / steps / 1e3, 3),
         "top_ops": [
             {
                 "op": op,
@@ -165,6 +172,11 @@ def format_summary(case: str, summary: dict) -> str:
         f"  {r['busy_ms_per_step']:9.3f} ms busy  {r['events_per_step']:8.1f} events/step  {r['line']}"
         for r in summary["lines"]
     ]
+    if "short_ops_per_step" in summary:
+        out.append(
+            f"  {summary['short_ops_per_step']:.1f} ops/step under {SHORT_OP_US:g} us on {summary['ops_line']}, "
+            f"{summary['short_ops_ms_per_step']:.3f} ms/step together"
+        )
     out.append(f"  top ops on {summary['ops_line']} (ms/step, calls/step):")
     out += [
         f"  {r['ms_per_step']:9.3f} ms  {r['calls_per_step']:6.1f}x  {r['op']}  {r['source']}".rstrip()

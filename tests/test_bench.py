@@ -79,8 +79,8 @@ def test_trace_summary_of_a_gpu_like_trace(tmp_path):
         {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
         {"ph": "M", "pid": 2, "tid": 3, "name": "thread_name", "args": {"name": "python"}},
     ]
-    kernels = [  # two steps of three kernels, 10 us each, 5 us launch gaps
-        {"ph": "X", "pid": 1, "tid": 7, "ts": 100 * s + 15 * k, "dur": 10, "name": f"loop_fusion_kernel_{k}",
+    kernels = [  # two steps of three kernels (10, 10 and 3 us), 15 us apart
+        {"ph": "X", "pid": 1, "tid": 7, "ts": 100 * s + 15 * k, "dur": [10, 10, 3][k], "name": f"loop_fusion_kernel_{k}",
          "args": {"hlo_op": ["fusion.1", "fusion.2", "dot.3"][k]}}
         for s in range(2) for k in range(3)
     ]
@@ -96,8 +96,9 @@ def test_trace_summary_of_a_gpu_like_trace(tmp_path):
     summary = trace_summary.summarize(path, steps=2, wall_sec=400e-6, sources={"dot.3": "bwd btd,dv->btv dot_general"})
     lines = {r["line"]: r for r in summary["lines"]}
     assert lines["/device:GPU:0 / Stream #13(Compute)"] == {
-        "line": "/device:GPU:0 / Stream #13(Compute)", "events_per_step": 3.0, "busy_ms_per_step": 0.03,
+        "line": "/device:GPU:0 / Stream #13(Compute)", "events_per_step": 3.0, "busy_ms_per_step": 0.023,
     }
+    assert (summary["short_ops_per_step"], summary["short_ops_ms_per_step"]) == (1.0, 0.003)  # under 5 us
     assert lines["/host:CPU / python"]["busy_ms_per_step"] == 0.015
     assert summary["wall_ms_per_step"] == 0.2 and summary["ops_line"] == "/device:GPU:0 / Stream #13(Compute)"
     assert [(r["op"], r["calls_per_step"]) for r in summary["top_ops"]] == [("fusion.1", 1.0), ("fusion.2", 1.0), ("dot.3", 1.0)]
