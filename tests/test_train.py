@@ -232,3 +232,39 @@ def test_accumulation_auto_folds_only_what_fits():
     assert resolve_accumulation(fold, foldable=False) == "scan"  # per-microbatch weighted means (SFT)
     one = dataclasses.replace(fold, training=dataclasses.replace(fold.training, gradient_accumulation_steps=1))
     assert resolve_accumulation(one) == "scan"
+
+
+def test_eval_step_compiled_ahead_is_not_compiled_again():
+    """The loop's background compile of the eval step: its first call then compiles nothing, also on a mesh."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from dsjax.train import distributed, precompile
+    from dsjax.train.step import make_eval_step, state_shardings_for
+
+    config = load_config("nano")
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_hidden_layers=2, num_nextn_predict_layers=0))
+    B, T = 4, 32
+    batch = (np.zeros((B, T + 1), np.int32), np.ones((B, T + 1), np.int32), np.ones((B, T), np.float32))
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _secs, **_: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+    )
+    for mesh in (None, jax.make_mesh((2,), ("dp",), devices=jax.devices()[:2])):
+        c = config if mesh is None else dataclasses.replace(config, distributed=dataclasses.replace(config.distributed, dp_size=2))
+        if mesh is None:
+            params = jax.jit(lambda k: init_state(c, k).params)(jax.random.key(0))
+            args = batch
+        else:
+            mesh, _ = distributed.setup_mesh(c, 2)
+            params = jax.jit(lambda k: init_state(c, k).params, out_shardings=state_shardings_for(c, mesh).params)(
+                jax.random.key(0)
+            )
+            rows = distributed.eval_data_shardings(mesh)
+            args = tuple(distributed.to_global(a, rows) for a in batch)
+        eval_step = make_eval_step(c, mesh=mesh)
+        specs = (precompile.call_specs(params, mesh), *args)
+        params = jax.tree.map(lambda a: a + 0, params)  # the loop's first train step donates the buffers the specs came from
+        precompile.start(getattr(eval_step, "jitted", eval_step), specs, mesh).join()
+        compiles.clear()
+        jax.block_until_ready(eval_step(params, *args))
+        assert compiles == [], f"the eval step compiled again ({'mesh' if mesh else 'one device'})"

@@ -25,7 +25,7 @@ from dsjax.train import checkpoint, runs
 from dsjax.train.metrics import MetricsWriter, finite, plot_losses
 from dsjax.train.runs import RunPaths
 from dsjax.train.signals import GracefulStop, StopRequested
-from dsjax.train import distributed
+from dsjax.train import distributed, precompile
 from dsjax.train.checkpoint import with_shardings
 from dsjax.train.step import (
     TrainState,
@@ -60,6 +60,15 @@ def evaluate(eval_step, params, batches, mesh=None) -> dict[str, float]:
         totals = totals + jnp.stack(eval_step(params, windows, byte_counts, weight))
     nats, tokens, text_bytes = (float(x) for x in totals)
     return {"val_loss": nats / tokens, "val_bpb": nats / (math.log(2) * text_bytes), "val_tokens": tokens}
+
+
+def _first_eval_batch(job: "TrainingJob", mesh) -> tuple:
+    """The first eval batch as `evaluate` passes it to the eval step (global arrays under a mesh)."""
+    first = next(iter(job.eval_batches()))
+    if mesh is None:
+        return tuple(first)
+    rows = distributed.eval_data_shardings(mesh)
+    return tuple(distributed.to_global(distributed.local_rows(a), rows) for a in first)
 
 
 def story_eval_batches(split, config: Config):
@@ -261,6 +270,9 @@ def _train(config, run_name, resume, paths, job: TrainingJob, store, mesh, shape
             "run as one batch" if train_step.accumulation == "fold" else "one after another", t.accumulation,
         )
     eval_step = make_eval_step(config, mesh=mesh)
+    # the first eval's compile, made on a background thread once training runs (the state's
+    # buffers are donated by the first step, so their specs are taken now)
+    eval_specs = (precompile.call_specs(state.params, mesh), *_first_eval_batch(job, mesh))
     batch_layout = batch_sharding(mesh) if mesh is not None else None
     local_micro = micro // jax.process_count()
     tokens_per_step = micro * accum * t.seq_len
@@ -321,6 +333,8 @@ def _train(config, run_name, resume, paths, job: TrainingJob, store, mesh, shape
             batch = distributed.to_global(local, batch_layout)
             state, metrics = train_step(state, batch, *step_args)
             pending.append(metrics)
+            if step == start_step + 1:
+                precompile.start(getattr(eval_step, "jitted", eval_step), eval_specs, mesh)
             # keep one step queued behind the running one: wait (no transfer) for the previous step,
             # so the Python loop, and the bar, run at most one step ahead of the device
             if in_flight is not None:

@@ -297,4 +297,5 @@ def make_eval_step(config: Config, moe_impl: str = "auto", mesh=None):
         with jax.set_mesh(mesh):
             return jitted(*args)
 
+    sharded_eval.jitted = jitted  # for compiling ahead (dsjax.train.precompile) under `jax.set_mesh(mesh)`
     return sharded_eval
