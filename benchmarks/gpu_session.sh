@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session (an H100/H200 lent for minutes): kernels, then train steps, then a CLI run.
-# From the repo root on the GPU machine:  bash benchmarks/gpu_session.sh [kernels] [steps] [profile] [tiny] [smallprofile] [generate] [memory] [cli]
+# From the repo root on the GPU machine:  bash benchmarks/gpu_session.sh [kernels] [steps] [profile] [tiny] [xlaflags] [smallprofile] [generate] [memory] [cli]
 # Needs .gpu/whl (grain's wheels), .gpu/tinystories (the data) and .gpu/vocab8k.json; see BUILD.md.
 set -u
 export PYTHONUNBUFFERED=1
@@ -11,6 +11,14 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+# one line per JSON row of `dsjax bench --json` on stdin: case, compile s, ms/step, back-to-back ms/step, peak GiB
+rows() { python3 -c "
+import json, sys
+for line in sys.stdin:
+    if line.startswith('{'):
+        r = json.loads(line)
+        print(r['case'], '| compile', r.get('compile_sec'), '| ms/step', r.get('step_ms_median'), '| back to back',
+              r.get('back_to_back_ms_per_step'), '| GiB', r.get('peak_memory_gib'), r.get('error', ''))"; }
 B=(python3 -m dsjax bench --json --results "$OUT/bench.jsonl" --keep-going --steps 20 --warmup 3 --gpus 1)
 for part in $PARTS; do
   echo "=== $part $(date +%T)"
@@ -31,10 +39,17 @@ for part in $PARTS; do
       grep -vE "^\{|^appended" "$OUT/profile.log" | cut -c1-200 | tail -50 ;;
     tiny)  # accumulation scan vs fold (each step waited for, and back to back); then kernels without CUDA graphs
       timeout 60 "${B[@]}" --model-size tiny --moe pallas --attention cudnn --accumulation scan,fold > "$OUT/tiny.log" 2>&1
-      grep -E "ms/step|error" "$OUT/tiny.log" | cut -c1-200
+      rows < "$OUT/tiny.log"
       XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 45 "${B[@]}" --steps 5 --warmup 2 --model-size tiny --moe pallas \
         --attention cudnn --accumulation fold --profile /tmp/dsjax-profile-nocb >> "$OUT/tiny.log" 2>&1
       grep -vE "^\{|^appended" "$OUT/tiny.log" | cut -c1-200 | tail -40 ;;
+    xlaflags)  # compile time against step time for XLA's gemm autotuning choices (tiny's compile is 15 s of the CLI run)
+      for flags in "" "--xla_gpu_autotune_level=0" "--xla_gpu_enable_triton_gemm=false"; do
+        echo "XLA_FLAGS=$flags" >> "$OUT/xlaflags.log"
+        XLA_FLAGS="$flags" timeout 40 "${B[@]}" --steps 10 --warmup 2 --model-size tiny --moe pallas --attention cudnn \
+          --accumulation fold 2>/dev/null | rows >> "$OUT/xlaflags.log"
+      done
+      cat "$OUT/xlaflags.log" ;;
     smallprofile)  # where small's step goes (35% MFU target): top kernels by name, CUDA graphs off
       XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 75 "${B[@]}" --steps 5 --warmup 2 --model-size small \
         --moe pallas --attention cudnn --profile /tmp/dsjax-profile-small > "$OUT/smallprofile.log" 2>&1
