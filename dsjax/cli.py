@@ -401,8 +401,11 @@ def check_stage_flags(stages: list[str], config, args: argparse.Namespace, mesh_
             f"grpo.max_new_tokens: {config.grpo.max_new_tokens} leaves no room for a prompt within "
             f"model.max_position_embeddings={config.model.max_position_embeddings}"
         )
-    if "distill" in stages and mesh_total > 1:
-        raise UsageError(f"the distill stage runs on one device, but the mesh flags ask for {mesh_total}; drop them")
+    if "distill" in stages and config.distributed.pp_size > 1:
+        raise UsageError(
+            f"the distill stage runs on dp/tp/ep/sp meshes, not pipeline stages (pp_size={config.distributed.pp_size}); "
+            "drop --pp-size"
+        )
     for stage, flags in STAGE_FLAGS.items():
         given = [flag for flag, dest in flags if getattr(args, dest, None) is not None]
         if given and stage not in stages:

@@ -11,7 +11,8 @@ not in the optimizer state; its logits are made in token chunks beside the stude
 Teacher and student must share the tokenizer: the student trains on the data folder's
 tokenizer (as pretraining would), and a teacher trained with another one is refused.
 Everything else (outputs, checkpoints, resume, metrics plus `kl_loss`) is pretraining's
-loop. One device for now: the mesh path computes whole logits and has no teacher slot.
+loop. On a mesh (dp/tp/ep/sp; not pp) the teacher is laid out like a model of its config,
+and the KL is made over logits split as the mesh path's cross-entropy splits them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dsjax.train import checkpoint
 from dsjax.train.metrics import METRIC_COLUMNS
 from dsjax.train.loop import TrainingJob, run_tokenizer, run_training, story_data, story_eval_batches
 from dsjax.train.runs import RunPaths
+from dsjax.train.step import state_shardings_for
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,13 @@ def distill_objective(teacher_config: Config, temperature: float, alpha: float):
 
             def kl_term(h_BTD, head_DV, inputs_BT, weight_BT, ce):
                 teacher_h, _ = forward_hidden(teacher, inputs_BT, tc, with_mtp=False, moe_impl=moe_impl)
+                # under a mesh the logits are split already (tokens over dp/sp, vocabulary over tp),
+                # as the mesh path's cross-entropy keeps them: one chunk of every token
+                on_mesh = not jax.sharding.get_abstract_mesh().empty
                 kl = losses.chunked_head_kl(
                     h_BTD, params["norm"]["scale"], head_DV, teacher_h, teacher["norm"]["scale"],
                     head_kernel(teacher, tc), weight_BT, temperature, c, tc,
+                    chunk_tokens=inputs_BT.size if on_mesh else None,
                 ) / losses._weight_total(weight_BT)
                 return alpha * temperature**2 * kl - alpha * ce, {"kl_loss": kl}
 
@@ -110,6 +116,8 @@ def distill(
         },
         objective=distill_objective(teacher_config, config.distill.temperature, config.distill.alpha),
         step_args=(teacher_params,),
+        # on a mesh the teacher is split like a model of its config would be (experts over ep, heads over tp)
+        step_args_shardings=lambda mesh: (state_shardings_for(teacher_config, mesh, stages=1).params,),
         title=f"dsjax {run_name} (distilled from {Path(teacher_final).parent.name})",
         metric_columns=[*METRIC_COLUMNS[:3], "kl_loss", *METRIC_COLUMNS[3:]],
     )

@@ -189,7 +189,7 @@ def loss_fn(
     and padding for SFT; each loss is then the weighted mean over the tokens it predicts.
     None (pretraining) = every token, the plain mean.
 
-    extra_term (optional, one device): extra_term(h_BTD, head_DV, inputs_BT, weight_BT, ce)
+    extra_term (optional): extra_term(h_BTD, head_DV, inputs_BT, weight_BT, ce)
     -> (value added to the loss, metrics); distillation's KL term (dsjax.distill).
 
     `microbatches` is the pipeline's microbatch count (used only when params hold pp stages).
@@ -198,10 +198,9 @@ def loss_fn(
     split (vocab over tp, tokens over dp/sp) and the plain path keeps its sharding.
     """
     if not jax.sharding.get_abstract_mesh().empty:
-        if extra_term is not None:
-            raise NotImplementedError("loss_fn: extra_term runs on one device (no mesh)")
         return _loss_from_logits(
-            params, window_BT1, c, with_mtp=with_mtp, moe_impl=moe_impl, microbatches=microbatches, weight_BT=weight_BT
+            params, window_BT1, c, with_mtp=with_mtp, moe_impl=moe_impl, microbatches=microbatches, weight_BT=weight_BT,
+            extra_term=extra_term,
         )
     inputs_BT, targets_BT = window_BT1[:, :-1], window_BT1[:, 1:]
     B, T = inputs_BT.shape
@@ -249,13 +248,14 @@ def mtp_targets(targets_BT, weight_BT, k: int):
 
 def _loss_from_logits(
     params, window_BT1, c: ModelConfig, *, with_mtp: bool = True, moe_impl: str = "auto", microbatches: int = 1,
-    weight_BT=None,
+    weight_BT=None, extra_term=None,
 ):
     """The objective over whole logits (the reference `chunked_head_nll` is tested against; mesh path)."""
     inputs_BT, targets_BT = window_BT1[:, :-1], window_BT1[:, 1:]
     use_mtp = with_mtp and c.num_nextn_predict_layers > 0
     logits_BTV, aux = forward(
-        params, inputs_BT, c, with_mtp=use_mtp, moe_impl=moe_impl, microbatches=microbatches
+        params, inputs_BT, c, with_mtp=use_mtp, moe_impl=moe_impl, microbatches=microbatches,
+        keep_hidden=extra_term is not None,
     )
     nll_BT = token_cross_entropy(logits_BTV, targets_BT)
     if weight_BT is None:
@@ -266,6 +266,10 @@ def _loss_from_logits(
         ce = jnp.sum(nll_BT * weight_BT) / _weight_total(weight_BT)
     loss = ce + aux["balance_loss"]
     metrics = {"ce_loss": ce, "balance_loss": aux["balance_loss"], "expert_load": aux["expert_load"]}
+    if extra_term is not None:
+        added, extra_metrics = extra_term(aux["hidden"], head_kernel(params, c), inputs_BT, weight_BT, ce)
+        loss = loss + added
+        metrics.update(extra_metrics)
     if use_mtp:
         depth = c.num_nextn_predict_layers
         mtp_losses = []

@@ -110,9 +110,10 @@ def _pipelined_layers(stages, x_BTD, cos, sin, c: ModelConfig, moe_impl: str, mi
 
 
 def forward(
-    params, tokens_BT, c: ModelConfig, *, with_mtp: bool = False, moe_impl: str = "auto", microbatches: int = 1
+    params, tokens_BT, c: ModelConfig, *, with_mtp: bool = False, moe_impl: str = "auto", microbatches: int = 1,
+    keep_hidden: bool = False,
 ):
-    """Returns (logits_BTV fp32, aux).
+    """Returns (logits_BTV fp32, aux); with keep_hidden, aux["hidden"] is h_BTD before the final norm.
 
     aux: balance_loss (sum over MoE layers, MTP included), expert_load [n_moe, E]
     (rows in `moe_layer_paths` order), and when `with_mtp`, mtp_logits [D, B, T, V]:
@@ -126,6 +127,8 @@ def forward(
         params, tokens_BT, c, with_mtp=with_mtp, moe_impl=moe_impl, microbatches=microbatches
     )
     logits_BTV = logits_from_hidden(params, h_BTD, params["norm"]["scale"], c)
+    if keep_hidden:
+        aux["hidden"] = h_BTD
     if "mtp_hidden" in aux:
         mtp = params["mtp"]
         names = sorted(mtp, key=int)

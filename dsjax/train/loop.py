@@ -94,7 +94,8 @@ class TrainingJob:
     data_record: dict
     objective: Callable | None = None  # make_train_step's objective (default: pretraining's)
     step_args: tuple = ()  # extra step inputs that are not trained (distillation's teacher params)
-    step_args_shardings: tuple | None = None
+    # step_args_shardings(mesh) -> their layouts on a mesh (they are laid out once, before training)
+    step_args_shardings: Callable[[Any], tuple] | None = None
     init_params: Any = None  # start from these weights (canonical layout) instead of a fresh init
     title: str = "dsjax"
     metric_columns: list[str] | None = None  # metrics.csv columns (default: pretraining's)
@@ -259,11 +260,12 @@ def _train(config, run_name, resume, paths, job: TrainingJob, store, mesh, shape
     if primary:
         (paths.outputs / "training_config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
-    train_step = make_train_step(
-        config, mesh=mesh, objective=job.objective,
-        extras_shardings=job.step_args_shardings if mesh is not None else None,
-    )
+    extras_shardings = job.step_args_shardings(mesh) if mesh is not None and job.step_args_shardings else None
+    train_step = make_train_step(config, mesh=mesh, objective=job.objective, extras_shardings=extras_shardings)
     step_args = job.step_args
+    if extras_shardings is not None:
+        # through the host: they may sit on one device, and every process holds the whole value
+        step_args = jax.device_put(jax.device_get(tuple(step_args)), tuple(extras_shardings))
     if accum > 1:
         log.info(
             "gradient accumulation: %d microbatches of %d %s (training.accumulation=%s)", accum, micro,
