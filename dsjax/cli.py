@@ -389,6 +389,9 @@ def check_stage_flags(stages: list[str], config, args: argparse.Namespace, mesh_
         other = [s for s in stages if s in ("sft", "grpo", "distill")]
         if other:
             raise UsageError(f"--backend mlx runs data_prep and pretrain; run {','.join(other)} on the JAX backend")
+        if config.training.accumulation == "fold":
+            raise UsageError("--backend mlx runs its microbatches one after another; drop --accumulation fold "
+                             "(training.accumulation)")
     if "sft" in stages and config.sft.data:
         sft_data = Path(config.sft.data)
         if not sft_data.is_file():
@@ -806,8 +809,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         d = cases[0].config.distributed
         if (args.gpus or 1) > 1 or any(getattr(d, f"{a}_size") not in (1, -1) for a in ("pp", "tp", "ep", "sp", "dp")):
             raise UsageError("dsjax bench --backend mlx runs on one device; drop the mesh flags")
-        if moes or attns or remats:
-            raise UsageError("--moe, --attention and --remat pick JAX compute paths; drop them with --backend mlx")
+        if moes or attns or remats or folds:
+            raise UsageError(
+                "--moe, --attention, --remat and --accumulation pick JAX compute paths; drop them with --backend mlx"
+            )
     total = requested_devices(cases[0].config, args.gpus)  # -1 counts as 1, as for `dsjax run`
     if total and total > 1:
         ensure_host_devices(total)
@@ -968,7 +973,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, help="sequences per micro-batch")
     run.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     run.add_argument("--accumulation", choices=config_choices("training.accumulation"),
-                     help="how the micro-batches run (training.accumulation, same gradient): scan = one after another, "
+                     help="how the micro-batches run (training.accumulation; the same gradient up to rounding): scan = one after another, "
                      "fold = as one batch, auto (default) = fold on a GPU when the batch fits easily")
     run.add_argument("--seq-len", type=int)
     run.add_argument("--learning-rate", type=finite_float)

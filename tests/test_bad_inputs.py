@@ -215,6 +215,8 @@ CASES = [
     Case("mesh size 0", f"{{RUN}} {D} --dp-size 0", 2, r"distributed\.dp_size: must be >= 1"),
     Case("gpus 0", f"{{RUN}} {D} --gpus 0", 2, r"--gpus must be > 0"),
     Case("mlx on a mesh", f"{{RUN}} {D} --backend mlx --tp-size 2 --dp-size 1", 2, r"--backend mlx runs on one device"),
+    Case("mlx folding microbatches", f"{{RUN}} {D} --backend mlx --grad-accum 2 --accumulation fold", 2,
+         r"--backend mlx runs its microbatches one after another; drop --accumulation fold"),
     Case("processes without coordinator", f"{{RUN}} {D} --num-processes 2 --process-id 0", 2, r"needs --coordinator"),
     Case("process id out of range", f"{{RUN}} {D} --num-processes 2 --process-id 2", 2, r"--process-id must be in 0\.\.1"),
     # --- data folders and files

@@ -124,6 +124,10 @@ def test_bench_rejects_bad_lists(capsys):
     assert main(["bench", "--seq-len", "abc"]) == 2
     assert main(["bench", "--backend", "mlx", "--moe", "dense"]) == 2
     assert "pick JAX compute paths" in capsys.readouterr().err
+    assert main(["bench", "--backend", "mlx", "--accumulation", "fold"]) == 2
+    assert "--accumulation pick JAX compute paths" in capsys.readouterr().err
+    assert main(["bench", "--accumulation", "together"]) == 2
+    assert "--accumulation: unknown value 'together' (auto, scan, fold)" in capsys.readouterr().err
     assert main(["bench", "--peak-tflops", "-1"]) == 2
     assert "--peak-tflops must be > 0" in capsys.readouterr().err
     assert main(["bench", "--json", "--results", "README.md"]) == 2
