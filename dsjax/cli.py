@@ -607,7 +607,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from dsjax.data.tokenizer import Tokenizer, TokenizerError
     from dsjax.infer.generate import SamplingConfig, check_prompt, generate_tokens, stream_text
     from dsjax.progress import setup_logging
-    from dsjax.train.checkpoint import CheckpointError, load_final, read_final_config
+    from dsjax.train.checkpoint import CheckpointError, load_final, read_final_config, read_json_item
 
     setup_logging(False)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
@@ -636,19 +636,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise UsageError(f"--prompts-file {args.prompts_file} holds no prompt (one per line)")
     else:
         prompts = [args.prompt]
-    prompts_ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    if args.chat:
+        from dsjax.posttrain.chat import ChatTokens, prompt_ids as chat_prompt_ids
+
+        try:
+            chat = ChatTokens(tokenizer)
+        except TokenizerError as err:
+            raise CheckpointError(str(err)) from None
+        # the template SFT and GRPO train on; the answer ends at <|end|> (or </s>)
+        prompts_ids = [chat_prompt_ids(tokenizer, p, chat) for p in prompts]
+        stop_ids: int | tuple[int, ...] = (chat.end, chat.eos)
+    else:
+        prompts_ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+        stop_ids = tokenizer.eos_id
     for ids in prompts_ids:
         check_prompt(len(ids), config.model)  # before anything is echoed
     batched = args.prompts_file is not None or args.num_samples > 1
     if batched and args.backend == "mlx":
         raise UsageError("--num-samples and --prompts-file run on the JAX backend; drop --backend mlx")
     params, config, _ = load_final(final_dir)
+    stage = (read_json_item(final_dir, "training_state") or {}).get("stage")
+    if stage in ("sft", "grpo") and not args.chat:
+        _say(f"dsjax: note: this checkpoint was post-trained ({stage}) on the chat template; add --chat to give it "
+             "an instruction, as it was trained")
     room = config.model.max_position_embeddings - max(len(ids) for ids in prompts_ids)
     if sampling.max_new_tokens > room:  # said once the checkpoint has loaded, so an error stays the only line
         _say(f"dsjax: note: --max-new-tokens {sampling.max_new_tokens} is more than the {room} tokens the model's "
              f"{config.model.max_position_embeddings}-token context leaves after the prompt; generation stops there")
     if batched:
-        return _generate_batch(params, config, tokenizer, prompts_ids, sampling, args.num_samples)
+        return _generate_batch(params, config, tokenizer, prompts_ids, sampling, args.num_samples, stop_ids, args.chat)
     prompt_ids = prompts_ids[0]
     if args.backend == "mlx":
         from dsjax.mlx_backend import require_mlx
@@ -668,7 +684,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # about 0.4 ms besides its tokens on the 2-core CPU (2.6 ms before the decode layouts moved
         # out of it; BENCHMARKS.md), and 64 tokens take about 20 ms there, still a stream to the eye
         generate = functools.partial(stream_tokens, chunk=64)
-    prompt_text = tokenizer.decode(prompt_ids)
+    # plain: the prompt, then its continuation; --chat: the answer alone (the prompt is the question)
+    prompt_text = "" if args.chat else tokenizer.decode(prompt_ids)
+    shown_ids = [] if args.chat else prompt_ids
     sys.stdout.write(prompt_text)
     sys.stdout.flush()
 
@@ -677,8 +695,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     stats = stream_text(
-        generate(params, config.model, prompt_ids, sampling, eos_id=tokenizer.eos_id),
-        lambda ids: tokenizer.decode(prompt_ids + ids)[len(prompt_text):],
+        generate(params, config.model, prompt_ids, sampling, eos_id=stop_ids),
+        lambda ids: tokenizer.decode(shown_ids + ids)[len(prompt_text):],
         write,
     )
     sys.stdout.write("\n")
@@ -691,8 +709,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_batch(params, config, tokenizer, prompts_ids, sampling, num_samples: int) -> int:
-    """Every prompt x num_samples as one batch on the device; sample i of each prompt uses seed + i."""
+def _generate_batch(params, config, tokenizer, prompts_ids, sampling, num_samples: int, stop_ids, chat: bool) -> int:
+    """Every prompt x num_samples as one batch on the device; sample i of each prompt uses seed + i.
+
+    Plain prompts print with their continuation; --chat prints each answer alone.
+    """
     import time
 
     from dsjax.infer.sampler import sample_batch
@@ -700,12 +721,12 @@ def _generate_batch(params, config, tokenizer, prompts_ids, sampling, num_sample
     rows = [ids for ids in prompts_ids for _ in range(num_samples)]
     seeds = [sampling.seed + i for _ in prompts_ids for i in range(num_samples)]
     start = time.perf_counter()
-    outputs = sample_batch(params, config.model, rows, sampling, eos_id=tokenizer.eos_id, seeds=seeds)
+    outputs = sample_batch(params, config.model, rows, sampling, eos_id=stop_ids, seeds=seeds)
     seconds = time.perf_counter() - start
     for r, (ids, out) in enumerate(zip(rows, outputs)):
         p, i = divmod(r, num_samples)
         sys.stdout.write(f"--- prompt {p + 1}, sample {i + 1} (seed {seeds[r]}) ---\n")
-        sys.stdout.write(tokenizer.decode(ids + out) + "\n")
+        sys.stdout.write(tokenizer.decode(out if chat else ids + out) + "\n")
     sys.stdout.flush()
     total = sum(map(len, outputs))
     print(f"[{len(rows)} samples, {total} tokens in {seconds:.2f}s with compilation; "
@@ -1082,6 +1103,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="samples per prompt, decoded together on the device (default 1: streamed)")
     prompt.add_argument("--prompts-file", metavar="FILE",
                         help="one prompt per line instead of --prompt; every prompt x --num-samples in one batch")
+    gen.add_argument("--chat", action="store_true",
+                     help="ask a post-trained (sft/grpo) model: each prompt goes in the chat template it was trained "
+                     "on (<s><|user|> prompt <|end|><|assistant|>), and the answer, up to <|end|>, is printed alone")
     gen.set_defaults(func=cmd_generate)
 
     ckpts = sub.add_parser("checkpoints", allow_abbrev=False, help="inspect a run's checkpoints")

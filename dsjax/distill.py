@@ -118,6 +118,7 @@ def distill(
         step_args=(teacher_params,),
         # on a mesh the teacher is split like a model of its config would be (experts over ep, heads over tp)
         step_args_shardings=lambda mesh: (state_shardings_for(teacher_config, mesh, stages=1).params,),
+        stage="distill",
         title=f"dsjax {run_name} (distilled from {Path(teacher_final).parent.name})",
         metric_columns=[*METRIC_COLUMNS[:3], "kl_loss", *METRIC_COLUMNS[3:]],
     )

@@ -72,3 +72,35 @@ def test_rerun_skips_the_finished_stages_a_later_one_reuses(pipeline, capsys):
     # export alone takes the newest final/ there is
     assert main(["run", "--stages", "export", "--export-format", "gguf", *flags]) == 0
     assert "export: skipped" in capsys.readouterr().err  # model.gguf is there: not overwritten
+
+
+def test_generate_chat_asks_a_post_trained_model_in_its_template(pipeline, capsys):
+    """`generate --chat`: the prompt goes in the template SFT trained on, the answer stops at <|end|> and prints alone."""
+    from dsjax.data.tokenizer import Tokenizer
+    from dsjax.infer.generate import SamplingConfig
+    from dsjax.infer.sampler import sample_batch
+    from dsjax.posttrain.chat import ChatTokens, prompt_ids
+    from dsjax.train.checkpoint import load_final
+
+    root, _, exit_code, _ = pipeline
+    assert exit_code == 0
+    final = root / "ck/micro-sft/final"
+    assert json.loads((final / "training_state.json").read_text())["stage"] == "sft"
+    question = "Write a story about a dog."
+    args = ["generate", "--checkpoint", str(final), "--prompt", question, "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr()
+    assert plain.out.startswith(question) and "add --chat to give it an instruction" in plain.err
+    assert main([*args, "--chat"]) == 0
+    chat = capsys.readouterr()
+    assert "--chat" not in chat.err
+    params, config, tokenizer_path = load_final(final)
+    tokenizer = Tokenizer(tokenizer_path)
+    marks = ChatTokens(tokenizer)
+    [expected] = sample_batch(
+        params, config.model, [prompt_ids(tokenizer, question, marks)], SamplingConfig(12, 0.0), eos_id=(marks.end, marks.eos)
+    )
+    assert chat.out == tokenizer.decode(expected) + "\n"
+    assert main([*args, "--chat", "--num-samples", "2"]) == 0  # batched: each answer alone under its header
+    batch = capsys.readouterr().out.splitlines()
+    assert batch[0].startswith("--- prompt 1, sample 1") and batch[1] == tokenizer.decode(expected)

@@ -28,7 +28,9 @@ def _sample(logits: np.ndarray, rng: np.random.Generator, temperature: float, to
     return int(rng.choice(len(probs), p=probs / probs.sum()))
 
 
-def generate_tokens_mlx(params, c: ModelConfig, prompt_ids: list[int], sampling, eos_id: int | None = None) -> Iterator[int]:
+def generate_tokens_mlx(
+    params, c: ModelConfig, prompt_ids: list[int], sampling, eos_id: int | tuple[int, ...] | None = None
+) -> Iterator[int]:
     """Same contract as dsjax.infer.generate.generate_tokens (greedy matches it token for token)."""
     sampling.validate()
     max_len = min(len(prompt_ids) + sampling.max_new_tokens, c.max_position_embeddings)
@@ -38,7 +40,7 @@ def generate_tokens_mlx(params, c: ModelConfig, prompt_ids: list[int], sampling,
     position, produced = len(prompt_ids), 0
     while True:
         token = _sample(np.array(logits[0, -1]), rng, sampling.temperature, sampling.top_k, sampling.top_p)
-        if eos_id is not None and token == eos_id:
+        if eos_id is not None and token in ((eos_id,) if isinstance(eos_id, int) else eos_id):
             return
         yield token
         produced += 1

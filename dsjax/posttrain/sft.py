@@ -149,6 +149,7 @@ def sft(
         objective=sft_objective,
         init_params=params,
         steps_flag="--sft-steps",
+        stage="sft",
         title=f"dsjax {run_name} (SFT from {Path(start_final).parent.name})",
     )
     return run_training(config, run_name, job, resume, device_count, allow_data_change)

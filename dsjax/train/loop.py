@@ -98,6 +98,7 @@ class TrainingJob:
     step_args_shardings: Callable[[Any], tuple] | None = None
     init_params: Any = None  # start from these weights (canonical layout) instead of a fresh init
     title: str = "dsjax"
+    stage: str = "pretrain"  # recorded in training_state.json (generate suggests --chat after sft)
     metric_columns: list[str] | None = None  # metrics.csv columns (default: pretraining's)
     steps_flag: str = "--max-steps"  # the flag that sets this stage's step count (for messages)
 
@@ -293,6 +294,7 @@ def _train(config, run_name, resume, paths, job: TrainingJob, store, mesh, shape
             "wall_time_sec": wall_before + time.perf_counter() - run_start,
             "jax_version": jax.__version__,
             "run_name": run_name,
+            "stage": job.stage,
             "data": data_record,  # what --resume checks: the data's and the tokenizer's fingerprints
         }
 
