@@ -179,8 +179,10 @@ def run_case(
     step_fn = make_train_step(config, mesh=mesh)
     jitted = getattr(step_fn, "jitted", step_fn)
     batch = fresh_batch()
+    from kernels_pallas import fallbacks
+
     start = time.perf_counter()
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(), fallbacks.recorded() as fell_back:
         lowered = jitted.lower(state, batch)
         lower_sec = time.perf_counter() - start  # Python tracing + lowering to StableHLO
         compiled = lowered.compile()
@@ -228,15 +230,21 @@ def run_case(
     folded = getattr(step_fn, "accumulation", "scan") == "fold"
     microbatch_tokens = t.batch_size * t.seq_len * (t.gradient_accumulation_steps if folded else 1)
     moe_path, attention_path = _resolved_paths(c, microbatch_tokens, mesh)
+    # what was traced, where a path could not take the case (the row names what ran, not what was asked)
+    if any(line.startswith(f"attention {attention_path} -> xla") for line in fell_back):
+        attention_path = "xla"
+    if any(line.startswith("moe pallas -> dense") for line in fell_back) and moe_path == "pallas":
+        moe_path = "dense"
     flops_token = train_flops_per_token(c, t.seq_len)
     peak = peak_tflops(device.device_kind, peak_override)
     n_devices = shape.devices
     return {
-        "case": case.label.replace(f"moe={c.moe_impl}", f"moe={c.moe_impl}({moe_path})" if c.moe_impl == "auto" else f"moe={c.moe_impl}")
-        .replace(f"attn={c.attention_impl}", f"attn={c.attention_impl}({attention_path})" if c.attention_impl == "auto" else f"attn={c.attention_impl}")
+        "case": case.label.replace(f"moe={c.moe_impl}", f"moe={c.moe_impl}({moe_path})" if c.moe_impl != moe_path else f"moe={c.moe_impl}")
+        .replace(f"attn={c.attention_impl}", f"attn={c.attention_impl}({attention_path})" if c.attention_impl != attention_path else f"attn={c.attention_impl}")
         .replace("accum=auto", f"accum=auto({getattr(step_fn, 'accumulation', 'scan')})"),
         "model_size": case.model_size,
         "moe_path": moe_path,
+        "fallbacks": fell_back,
         "attention_path": attention_path,
         "moe_impl": c.moe_impl,
         "attention_impl": c.attention_impl,

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from kernels_pallas import fallbacks
 from kernels_pallas.blocked_attention import BLOCK_Q, blocked_causal_attention
 from kernels_pallas.flash_attention import MAX_HEAD_DIM, flash_attention
 
@@ -92,6 +93,7 @@ def cudnn_attention(q_BHTK, k_BHSK, v_BHSV, scale, q_offset=0):
 
 
 def _log_once(impl: str, reason: str):
+    fallbacks.note(f"attention {impl} -> xla: {reason}")
     if (impl, reason) not in _logged:
         _logged.add((impl, reason))
         log.warning("attention: %s cannot run here (%s); using the xla reference", impl, reason)

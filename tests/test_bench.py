@@ -136,3 +136,16 @@ def test_bench_rejects_bad_lists(capsys):
     assert "add --json" in capsys.readouterr().err
     assert main(["bench", "--profile", __file__]) == 2
     assert "is a file; give a folder for the traces" in capsys.readouterr().err
+
+
+def test_a_path_that_fell_back_is_named_as_what_ran(tmp_path, capsys):
+    """--attention cudnn on CPU runs the xla reference: the row says so, not cudnn."""
+    code = main([
+        "bench", "--model-size", "nano", "--attention", "cudnn", "--batch-size", "2", "--seq-len", "16", "--steps", "1",
+        "--warmup", "0", "--gpus", "1", "--json", "--results", str(tmp_path / "r.jsonl"),
+    ])
+    assert code == 0
+    row = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))
+    assert row["attention_impl"] == "cudnn" and row["attention_path"] == "xla"
+    assert "attn=cudnn(xla)" in row["case"]
+    assert row["fallbacks"] == ["attention cudnn -> xla: cuDNN needs a GPU"]
