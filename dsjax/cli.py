@@ -741,6 +741,11 @@ def cmd_checkpoints_ls(args: argparse.Namespace) -> int:
     infos = describe_run(run_dir)
     if not infos:
         if (run_dir / "params").is_dir() and (run_dir / "config.json").is_file():
+            if run_dir.name != "final":  # e.g. `dsjax import --out checkpoints/x`: not inside a run folder
+                raise UsageError(
+                    f"{args.run_dir} is a final/ checkpoint itself (params + config.json), not a run folder of step_N/ "
+                    f"and final/: pass it to generate, eval or export as --checkpoint {args.run_dir}"
+                )
             raise UsageError(f"{args.run_dir} is a final/ checkpoint; list its run folder: dsjax checkpoints ls {run_dir.parent}")
         runs = sorted(d.name for d in run_dir.iterdir() if d.is_dir() and describe_run(d))
         if runs:

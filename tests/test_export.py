@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -320,6 +321,23 @@ def test_cli_exports_and_refuses(finals, tmp_path, capsys):
         (["import", "--from-gguf", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "f")], 2, "does not exist"),
         (["import", "--out", str(tmp_path / "f")], 2, "one of the arguments --from-hf --from-gguf is required"),
     ]
+    # broken Hugging Face folders: one line each, exit 2 (not an internal error)
+    hf = tmp_path / "hf"
+    assert main(["export", "--checkpoint", final, "--format", "hf", "--out", str(hf)]) == 0
+    for name, damage in (
+        ("bad_config", lambda d: (d / "config.json").write_text("{not json")),
+        ("truncated", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-4096])),
+        ("bad_index", lambda d: (d / "model.safetensors.index.json").write_text("[]")),
+    ):
+        shutil.copytree(hf, tmp_path / name)
+        damage(tmp_path / name)
+    cases += [
+        (["import", "--from-hf", str(tmp_path / "bad_config"), "--out", str(tmp_path / "f")], 2, "config.json is not valid JSON"),
+        (["import", "--from-hf", str(tmp_path / "truncated"), "--out", str(tmp_path / "f")], 2,
+         "the file is truncated or damaged"),
+        (["import", "--from-hf", str(tmp_path / "bad_index"), "--out", str(tmp_path / "f")], 2, "is not a safetensors index"),
+        (["import", "--from-hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "f")], 2, "nowhere: no such folder"),
+    ]
     for argv, code, message in cases:
         capsys.readouterr()
         assert main(argv) == code, argv
@@ -331,6 +349,10 @@ def test_cli_exports_and_refuses(finals, tmp_path, capsys):
     assert main(["import", "--from-gguf", str(out), "--out", str(tmp_path / "f")]) == 0
     assert "dsjax generate --checkpoint" in capsys.readouterr().out
     assert load_final(tmp_path / "f")[1].model.num_nextn_predict_layers == 0
+    # an imported final/ under another name: `checkpoints ls` says what it is, not to list a parent that holds no run
+    capsys.readouterr()
+    assert main(["checkpoints", "ls", str(tmp_path / "f")]) == 2
+    assert "is a final/ checkpoint itself" in capsys.readouterr().err
 
 
 # --- marked: llama.cpp and transformers run our files ------------------------------------------

@@ -56,7 +56,10 @@ def save_as_final(params, config: Config, tokenizer_path: Path, out: Path, sourc
 def read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ExportError(f"{index} is not a safetensors index (a JSON object with a weight_map): {err}") from None
     elif (folder / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
@@ -69,10 +72,20 @@ def read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
 
 def import_hf(folder: Path, out: Path) -> Path:
     folder = Path(folder)
+    if not folder.exists():
+        raise ExportError(f"--from-hf {folder}: no such folder")
+    if not folder.is_dir():
+        raise ExportError(f"--from-hf {folder} is a file; pass a Hugging Face model folder (config.json, model.safetensors)")
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ExportError(f"{folder} has no config.json; pass a Hugging Face model folder")
-    config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ExportError(f"{config_file} is not valid JSON ({err})") from None
+    if not isinstance(hf_config, dict):
+        raise ExportError(f"{config_file} holds no JSON object")
+    config = config_from_hf(hf_config, str(config_file))
     tokenizer = folder / "tokenizer.model"
     if not tokenizer.is_file():
         raise ExportError(f"{folder} has no tokenizer.model; dsjax needs the SentencePiece model beside the weights")

@@ -75,5 +75,11 @@ def load(path: Path) -> dict[str, np.ndarray]:
                 "(dequantize FP8 checkpoints first)"
             )
         begin, end = info["data_offsets"]
-        out[name] = body[begin:end].view(dtype).reshape(info["shape"])
+        shape = tuple(info["shape"])
+        if end > body.size or end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise ExportError(
+                f"{path}: tensor {name} ({info['dtype']} {list(shape)}) needs bytes {begin}-{end} of "
+                f"{body.size} after the header; the file is truncated or damaged"
+            )
+        out[name] = body[begin:end].view(dtype).reshape(shape)
     return out
