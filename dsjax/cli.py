@@ -501,24 +501,29 @@ def run_stage(plan, config, args: argparse.Namespace) -> None:
 
 def run_export(final_dir: Path, out_dir: Path, args: argparse.Namespace) -> None:
     """The EXPORT stage: the chosen final/ as GGUF and/or Hugging Face files under outputs/<run>/export/."""
-    from dsjax.export import export_checkpoint
+    from dsjax.export import existing_dtype, export_checkpoint
 
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
     formats = _csv(args.export_format) or ["gguf", "hf"]
     targets = {"gguf": out_dir / "model.gguf", "hf": out_dir / "hf"}
     for fmt in formats:
         target = targets[fmt]
-        current = target.exists() and target.stat().st_mtime >= final_dir.stat().st_mtime
-        if current and not args.overwrite:
-            log.info("export: skipped, %s exists and is newer than %s (--overwrite writes it again)", target, final_dir)
+        dtype = args.export_dtype or ("f16" if fmt == "gguf" else "f32")
+        newer = target.exists() and target.stat().st_mtime >= final_dir.stat().st_mtime
+        if newer and not args.overwrite and existing_dtype(target, fmt) == dtype:
+            log.info("export: skipped, %s (%s) exists and is newer than %s (--overwrite writes it again)", target, dtype, final_dir)
             continue
-        if target.exists():  # older than the final/ it came from (a resumed stage), or --overwrite: moved aside
+        if target.exists():  # moved aside, never deleted
             from dsjax.train import runs
 
+            why = (
+                "--overwrite" if args.overwrite
+                else f"it is older than {final_dir}" if not newer
+                else f"it holds {existing_dtype(target, fmt) or 'another dtype'}, not {dtype}"
+            )
             for old, new in runs.move_aside([target]):
-                log.warning("--overwrite: moved %s to %s", old, new)
+                log.warning("export: moved %s to %s (%s)", old, new, why)
         out_dir.mkdir(parents=True, exist_ok=True)
-        dtype = args.export_dtype or ("f16" if fmt == "gguf" else "f32")
         export_checkpoint(final_dir, fmt, target, dtype)
         log.info("export: %s -> %s", final_dir, target)
 

@@ -72,6 +72,15 @@ def test_rerun_skips_the_finished_stages_a_later_one_reuses(pipeline, capsys):
     # export alone takes the newest final/ there is
     assert main(["run", "--stages", "export", "--export-format", "gguf", *flags]) == 0
     assert "export: skipped" in capsys.readouterr().err  # model.gguf is there: not overwritten
+    # another --export-dtype is not skipped: the f16 file is moved aside and bf16 written
+    assert main(["run", "--stages", "export", "--export-format", "gguf", "--export-dtype", "bf16", *flags]) == 0
+    err = capsys.readouterr().err
+    assert "it holds f16, not bf16" in err and "export: skipped" not in err
+    from dsjax.export import existing_dtype
+
+    export = root / "out/micro-grpo"
+    assert existing_dtype(export / "export/model.gguf", "gguf") == "bf16"
+    assert [existing_dtype(p, "gguf") for p in (export / "export").glob("model.gguf.replaced-*")] == ["f16"]
 
 
 def test_generate_chat_asks_a_post_trained_model_in_its_template(pipeline, capsys):

@@ -11,6 +11,7 @@ one line naming the tensor, key, flag or file.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -86,3 +87,22 @@ def _model_name(final_dir: Path) -> str:
     """general.name: the run's name (checkpoints/<run>/final), as the converter names a model by its folder."""
     final_dir = Path(final_dir).absolute()
     return final_dir.parent.name if final_dir.name == "final" else final_dir.name
+
+
+def existing_dtype(target: Path, fmt: str) -> str | None:
+    """The dtype (f32, f16, bf16, q8_0) an earlier export at `target` was written in; None when unknown."""
+    try:
+        if fmt == "gguf":
+            import gguf
+
+            from dsjax.export.gguf_write import FILE_TYPES
+
+            field = gguf.GGUFReader(target).fields.get("general.file_type")
+            value = int(field.contents()) if field is not None else None
+            return next((name for name, kind in FILE_TYPES.items() if int(kind) == value), None)
+        from dsjax.export.hf_write import HF_DTYPES
+
+        written = json.loads((Path(target) / "config.json").read_text()).get("torch_dtype")
+        return next((name for name, (_, torch_name) in HF_DTYPES.items() if torch_name == written), None)
+    except Exception:  # noqa: BLE001 - an unreadable earlier export is simply not current
+        return None
