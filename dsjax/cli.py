@@ -110,14 +110,33 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (not the usage block) and exit code 2."""
 
     def error(self, message: str):
+        if message.startswith("the following arguments are required"):
+            message = self._unknown_flag() or message  # `--fromat gguf` is the problem, not the missing --format
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def _known_flags(self) -> list[str]:
+        return [o[2:] for action in self._actions for o in action.option_strings if o.startswith("--")]
+
+    def _unknown_flag(self) -> str | None:
+        """The first --flag given to this parser that it does not know, with the nearest known one."""
+        names = self._known_flags()
+        for arg in getattr(self, "_given", []):
+            flag = arg.split("=")[0]
+            if flag.startswith("--") and flag[2:] not in names:
+                near = difflib.get_close_matches(flag[2:], names, n=1, cutoff=0.75)
+                return f"unrecognized arguments: {flag}" + (f"; did you mean --{near[0]}?" if near else "")
+        return None
 
     def parse_args(self, args=None, namespace=None):
         """Flags no parser knows are reported by the (sub)command they were given to, with the nearest known flag."""
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             chosen = self._chosen_subparser(parsed)
-            names = [o[2:] for action in chosen._actions for o in action.option_strings if o.startswith("--")]
+            names = chosen._known_flags()
             flags = [a.split("=")[0][2:] for a in extras if a.startswith("--")]
             near = difflib.get_close_matches(flags[0], names, n=1, cutoff=0.75) if flags else []
             chosen.error(f"unrecognized arguments: {' '.join(extras)}" + (f"; did you mean --{near[0]}?" if near else ""))

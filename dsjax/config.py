@@ -515,6 +515,8 @@ def _validate_post_training(config: Config) -> None:
 
 def load_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a JSON file such as configs/nano.json")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

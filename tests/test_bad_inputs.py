@@ -155,6 +155,7 @@ GEN = "generate --max-new-tokens 4 --checkpoint {root}/ck/trained/final"
 CASES = [
     # --- configs and training flags
     Case("config file missing", f"{{RUN}} {D} --config {{root}}/nope.json", 2, r"config file not found: .*nope\.json"),
+    Case("config file is a folder", f"{{RUN}} {D} --config {{root}}/data_ok", 2, r"config file .*data_ok is a folder; give a JSON file"),
     Case("config not JSON", f"{{RUN}} {D} --config {{root}}/malformed.json", 2, r"malformed\.json: not valid JSON"),
     Case("config unknown key", f"{{RUN}} {D} --config {{root}}/unknown_key.json", 2, r"did you mean 'num_hidden_layers'"),
     Case("config wrong type", f"{{RUN}} {D} --config {{root}}/wrong_type.json", 2, r"model\.hidden_size: expected an integer"),
@@ -173,6 +174,8 @@ CASES = [
     Case("unknown flag", f"{{RUN}} {D} --bogus", 2, r"unrecognized arguments: --bogus \(see dsjax run --help\)"),
     Case("misspelled flag", f"{{RUN}} {D} --max-step 10", 2,
          r"^dsjax run: error: unrecognized arguments: --max-step 10; did you mean --max-steps\? \(see dsjax run --help\)$"),
+    Case("misspelled required flag", "export --checkpoint {root}/ck/trained/final --fromat gguf --out {root}/m.gguf", 2,
+         r"^dsjax export: error: unrecognized arguments: --fromat; did you mean --format\? \(see dsjax export --help\)$"),
     Case("stage misspelt", f"{{RUN}} {D} --stages pretrian", 2, r"unknown stage 'pretrian'; did you mean 'pretrain'"),
     Case("sft without a pretrained model", f"{{RUN}} {D} --stages sft", 2,
          r"sft starts from .*ck/fresh/final, which does not exist; add pretrain to --stages, or pass --start-from"),
