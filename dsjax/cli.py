@@ -553,7 +553,10 @@ def compare_stages(plans, config, args: argparse.Namespace) -> None:
 
     finals = []
     pretrain_final = Path(config.training.checkpoint_dir) / (config.training.run_name or args.model_size) / "final"
-    if pretrain_final.is_dir():
+    first = next((plan for plan in plans if plan.stage in ("sft", "grpo")), None)
+    if first is not None and args.start_from and first.start_final is not None and first.start_final.is_dir():
+        finals.append(("start", first.start_final))  # --start-from: what the first post-training stage began with
+    elif pretrain_final.is_dir():
         finals.append(("pretrain", pretrain_final))
     for plan in plans:
         if plan.stage in ("sft", "grpo") and plan.final.is_dir():
@@ -683,7 +686,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if stage in ("sft", "grpo") and not args.chat:
         _say(f"dsjax: note: this checkpoint was post-trained ({stage}) on the chat template; add --chat to give it "
              "an instruction, as it was trained")
-    room = config.model.max_position_embeddings - max(len(ids) for ids in prompts_ids)
+    # the last position's logits still give one token, which is not fed back: the context's room + 1
+    room = config.model.max_position_embeddings - max(len(ids) for ids in prompts_ids) + 1
     if sampling.max_new_tokens > room:  # said once the checkpoint has loaded, so an error stays the only line
         _say(f"dsjax: note: --max-new-tokens {sampling.max_new_tokens} is more than the {room} tokens the model's "
              f"{config.model.max_position_embeddings}-token context leaves after the prompt; generation stops there")
@@ -776,6 +780,11 @@ def cmd_checkpoints_ls(args: argparse.Namespace) -> int:
             shown = ", ".join(runs[:5]) + (f", ... {len(runs) - 5} more" if len(runs) > 5 else "")
             raise UsageError(
                 f"{args.run_dir} holds runs ({shown}), not checkpoints; list one: dsjax checkpoints ls {run_dir / runs[0]}"
+            )
+        if (run_dir / "metrics.csv").is_file():  # an outputs/<run>/ folder
+            raise UsageError(
+                f"{args.run_dir} holds a run's metrics, not its checkpoints; those are under --checkpoint-dir, "
+                f"e.g. dsjax checkpoints ls checkpoints/{run_dir.name}"
             )
         print(f"{args.run_dir}: no checkpoints")
         return 0

@@ -293,6 +293,8 @@ CASES = [
     Case("checkpoints ls on the checkpoint root", "checkpoints ls {root}/ck", 2,
          r"ck holds runs \(\w+, .*\), not checkpoints; list one: dsjax checkpoints ls .*ck/\w+$"),
     Case("checkpoints ls missing", "checkpoints ls {root}/ck/nope", 2, r"no checkpoint folder at .*ck/nope"),
+    Case("checkpoints ls on an outputs folder", "checkpoints ls {root}/out/trained", 2,
+         r"out/trained holds a run's metrics, not its checkpoints; .*dsjax checkpoints ls checkpoints/trained"),
     # --- eval
     Case("eval checkpoint missing", "eval --checkpoint {root}/ck/nope/final", 4, r"ck/nope/final does not exist"),
     Case("eval second checkpoint is a run folder", "eval --checkpoint {root}/ck/trained/final --checkpoint {root}/ck/trained",
@@ -372,8 +374,11 @@ def test_generate_past_the_context_says_where_it_stops(world, capfd):
     code = main(["generate", "--checkpoint", str(world / "ck/trained/final"), "--max-new-tokens", "200", "--temperature", "0"])
     err = capfd.readouterr().err
     assert code == 0, err
-    assert re.search(r"^dsjax: note: --max-new-tokens 200 is more than the \d+ tokens the model's 128-token context "
-                     r"leaves after the prompt; generation stops there$", err, re.M), err
+    note = re.search(r"^dsjax: note: --max-new-tokens 200 is more than the (\d+) tokens the model's 128-token context "
+                     r"leaves after the prompt; generation stops there$", err, re.M)
+    assert note, err
+    made = int(re.search(r"^\[(\d+) tokens in", err, re.M).group(1))
+    assert made <= int(note.group(1)), err  # never more than the note said
 
 
 def test_rerun_is_refused_and_overwrite_moves_the_old_run_aside(world, capfd, monkeypatch):

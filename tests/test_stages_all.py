@@ -113,3 +113,16 @@ def test_generate_chat_asks_a_post_trained_model_in_its_template(pipeline, capsy
     assert main([*args, "--chat", "--num-samples", "2"]) == 0  # batched: each answer alone under its header
     batch = capsys.readouterr().out.splitlines()
     assert batch[0].startswith("--- prompt 1, sample 1") and batch[1] == tokenizer.decode(expected)
+
+
+def test_sft_from_another_final_scores_it_against_its_start(pipeline, capsys):
+    """--stages sft --start-from FINAL: the closing table scores the start checkpoint and the SFT model."""
+    root, flags, exit_code, _ = pipeline
+    assert exit_code == 0
+    other = [f if f != "micro" else "other" for f in flags]  # another run name, the same folders
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["run", "--stages", "sft", "--start-from", str(root / "ck/micro/final"), "--sft-steps", "1", *other]) == 0
+    table = stdout.getvalue()
+    assert "sft - start" in table
+    assert any(line.startswith("start ") for line in table.splitlines()), table
