@@ -249,6 +249,12 @@ def _run(config: Config, run_name: str, start_final: Path, resume: bool, paths: 
                 "tokens_per_sec": sampled / max(sample_sec, 1e-9),
             }
             is_last = step == g.max_steps
+            # the step's own line first, then its held-out eval (as pretraining logs a step, then its val loss)
+            log.info(
+                "grpo step %d | reward %.3f +- %.3f | coverage %.3f | ending %.3f | kl %.4f | clip %.3f | %d tok/s",
+                step, row["reward"], row["reward_std"], row["coverage"], row["ending"], row["kl"],
+                row["clip_fraction"], row["tokens_per_sec"],
+            )
             if step % g.eval_interval == 0 or is_last:
                 last_eval = evaluate_now(step)
                 row.update(last_eval)
@@ -256,11 +262,6 @@ def _run(config: Config, run_name: str, start_final: Path, resume: bool, paths: 
                          step, last_eval["eval_reward"], last_eval["eval_coverage"], last_eval["eval_ending"])
             row.update(step=step, elapsed_sec=wall_before + time.perf_counter() - run_start)
             writer.write(row)
-            log.info(
-                "grpo step %d | reward %.3f +- %.3f | coverage %.3f | ending %.3f | kl %.4f | clip %.3f | %d tok/s",
-                step, row["reward"], row["reward_std"], row["coverage"], row["ending"], row["kl"],
-                row["clip_fraction"], row["tokens_per_sec"],
-            )
             progress.update(task, completed=step, loss=f"{row['loss']:.4f} reward {row['reward']:.3f}",
                             lr=f"{row['lr']:.2e}", tps=f"{row['tokens_per_sec']:,.0f}")
             if step % g.eval_interval == 0 or is_last or stop.requested:
