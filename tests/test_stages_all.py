@@ -54,6 +54,9 @@ def test_stages_all_runs_every_stage_from_the_last_ones_final(pipeline):
     assert (root / "out/micro-grpo/samples.jsonl").is_file()
     assert (root / "out/micro-grpo/export/model.gguf").is_file()
     assert (root / "out/micro-grpo/export/hf/config.json").is_file()
+    from dsjax.train.checkpoint import describe_run
+
+    assert all(i.note.startswith("held-out reward ") for i in describe_run(root / "ck/micro-grpo"))  # GRPO has no val loss
     sft_state = json.loads((root / "ck/micro-sft/final/training_state.json").read_text())
     assert sft_state["step"] == 2 and sft_state["data"]["start_params"].endswith("ck/micro/final")
     # the closing table scores every stage and the differences between consecutive ones

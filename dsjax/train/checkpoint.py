@@ -447,6 +447,9 @@ def describe_run(run_dir: Path) -> list[CheckpointInfo]:
                 val, step = info.get("val_loss"), info.get("step")
                 if "last_val_step" in info and info["last_val_step"] != step:
                     val = None  # no eval at this step (val_loss is the last eval's, kept for resume)
+                reward = (info.get("last_eval") or {}).get("eval_reward")
+                if isinstance(reward, (int, float)):  # GRPO: no val loss; it saves at its evals
+                    note = f"held-out reward {reward:.3f}"
             except (json.JSONDecodeError, AttributeError):
                 note = "training_state.json unreadable"
         if name.startswith(f"{STEP_PREFIX}_") and name[len(STEP_PREFIX) + 1:].isdigit():
