@@ -564,7 +564,16 @@ def compare_stages(plans, config, args: argparse.Namespace) -> None:
     if len(finals) > 1:
         log.info("scoring %s on the same held-out prompts", ", ".join(label for label, _ in finals))
         settings = EvalSettings.from_config(config, prompts=config.grpo.eval_prompts)  # GRPO never trains on these
-        compare(finals, settings, Path(config.training.data_dir), Path(config.training.work_dir))
+        try:
+            compare(finals, settings, Path(config.training.data_dir), Path(config.training.work_dir))
+        except KeyboardInterrupt:
+            from dsjax.train.signals import StopRequested
+
+            again = " ".join(f"--checkpoint {folder}" for _, folder in finals)
+            raise StopRequested(
+                "SIGINT", 130,
+                f"interrupted while scoring the stages; their final/ folders are saved; the table: dsjax eval {again}",
+            ) from None
 
 
 def check_resume(config, paths, run_name: str, data_dir: Path, must_download: bool, args: argparse.Namespace) -> None:
@@ -686,6 +695,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if stage in ("sft", "grpo") and not args.chat:
         _say(f"dsjax: note: this checkpoint was post-trained ({stage}) on the chat template; add --chat to give it "
              "an instruction, as it was trained")
+    if stage in ("pretrain", "distill") and args.chat:
+        _say(f"dsjax: note: this checkpoint was not post-trained ({stage} only), so the chat template is new to it; "
+             "run the sft stage first, or drop --chat to continue the prompt as text")
     # the last position's logits still give one token, which is not fed back: the context's room + 1
     room = config.model.max_position_embeddings - max(len(ids) for ids in prompts_ids) + 1
     if sampling.max_new_tokens > room:  # said once the checkpoint has loaded, so an error stays the only line
@@ -763,11 +775,16 @@ def _generate_batch(params, config, tokenizer, prompts_ids, sampling, num_sample
 
 
 def cmd_checkpoints_ls(args: argparse.Namespace) -> int:
-    from dsjax.train.checkpoint import describe_run
+    from dsjax.train.checkpoint import describe_run, step_number
+
+    def checkpoint_step_folder(folder: Path) -> bool:
+        return folder.is_dir() and step_number(folder) is not None and (folder / "_CHECKPOINT_METADATA").is_file()
 
     run_dir = Path(args.run_dir)
     infos = describe_run(run_dir)
     if not infos:
+        if checkpoint_step_folder(run_dir):
+            raise UsageError(f"{args.run_dir} is one step's checkpoint; list its run folder: dsjax checkpoints ls {run_dir.parent}")
         if (run_dir / "params").is_dir() and (run_dir / "config.json").is_file():
             if run_dir.name != "final":  # e.g. `dsjax import --out checkpoints/x`: not inside a run folder
                 raise UsageError(
@@ -936,6 +953,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def checkpoint_label(folder: Path) -> str:
+    """checkpoints/<run>/final is named by its run; a final/ folder of another name (an import) by its own name."""
+    folder = folder.absolute()
+    return folder.parent.name if folder.name == "final" else folder.name
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from dsjax.data import layout
     from dsjax.posttrain.evaluate import EvalSettings, compare
@@ -960,7 +983,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
     settings = EvalSettings.from_config(configs[0], **changes)
-    items = [(Path(folder).absolute().parent.name, Path(folder)) for folder in args.checkpoint]
+    items = [(checkpoint_label(Path(folder)), Path(folder)) for folder in args.checkpoint]
     result = compare(items, settings, data_dir, Path(args.work_dir) if args.work_dir else None, out=None if args.json else print)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -293,6 +293,9 @@ CASES = [
     Case("checkpoints ls on the checkpoint root", "checkpoints ls {root}/ck", 2,
          r"ck holds runs \(\w+, .*\), not checkpoints; list one: dsjax checkpoints ls .*ck/\w+$"),
     Case("checkpoints ls missing", "checkpoints ls {root}/ck/nope", 2, r"no checkpoint folder at .*ck/nope"),
+    Case("checkpoints ls on a step", "checkpoints ls {root}/ck/trained/step_2", 2,
+         r"ck/trained/step_2 is one step's checkpoint; list its run folder: dsjax checkpoints ls .*ck/trained$"),
+    Case("checkpoints ls on a file", "checkpoints ls {root}/micro.json", 2, r"micro\.json is a file; pass a run's checkpoint folder"),
     Case("checkpoints ls on an outputs folder", "checkpoints ls {root}/out/trained", 2,
          r"out/trained holds a run's metrics, not its checkpoints; .*dsjax checkpoints ls checkpoints/trained"),
     # --- eval

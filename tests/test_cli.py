@@ -68,3 +68,10 @@ def test_help_lists_exit_codes(capsys):
 def test_info_prints_counts(capsys):
     assert main(["info", "--model-size", "tiny"]) == 0
     assert "21,053,280" in capsys.readouterr().out
+
+
+def test_eval_names_a_checkpoint_by_its_run_or_its_own_name(tmp_path):
+    from dsjax.cli import checkpoint_label
+
+    assert checkpoint_label(tmp_path / "checkpoints/nano-sft/final") == "nano-sft"
+    assert checkpoint_label(tmp_path / "imports/from-hf") == "from-hf"  # `dsjax import --out imports/from-hf`

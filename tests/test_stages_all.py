@@ -113,6 +113,9 @@ def test_generate_chat_asks_a_post_trained_model_in_its_template(pipeline, capsy
         params, config.model, [prompt_ids(tokenizer, question, marks)], SamplingConfig(12, 0.0), eos_id=(marks.end, marks.eos)
     )
     assert chat.out == tokenizer.decode(expected) + "\n"
+    pretrained = ["generate", "--checkpoint", str(root / "ck/micro/final"), "--chat", "--max-new-tokens", "2"]
+    assert main(pretrained) == 0
+    assert "was not post-trained (pretrain only)" in capsys.readouterr().err
     assert main([*args, "--chat", "--num-samples", "2"]) == 0  # batched: each answer alone under its header
     batch = capsys.readouterr().out.splitlines()
     assert batch[0].startswith("--- prompt 1, sample 1") and batch[1] == tokenizer.decode(expected)

@@ -431,6 +431,8 @@ class CheckpointInfo:
 def describe_run(run_dir: Path) -> list[CheckpointInfo]:
     """What `dsjax checkpoints ls` shows: every step folder (and final/), size, val loss, completeness."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise FileNotFoundError(f"{run_dir} is a file; pass a run's checkpoint folder, e.g. checkpoints/nano")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at {run_dir}")
     infos = []
