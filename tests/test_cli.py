@@ -75,3 +75,27 @@ def test_eval_names_a_checkpoint_by_its_run_or_its_own_name(tmp_path):
 
     assert checkpoint_label(tmp_path / "checkpoints/nano-sft/final") == "nano-sft"
     assert checkpoint_label(tmp_path / "imports/from-hf") == "from-hf"  # `dsjax import --out imports/from-hf`
+
+
+def test_ctrl_c_while_scoring_the_stages_says_how_to_get_the_table(tmp_path, monkeypatch):
+    import argparse
+
+    import dsjax.posttrain.evaluate as evaluate
+    from dsjax.cli import compare_stages
+    from dsjax.config import config_from_dict
+    from dsjax.stages import plan_stages
+    from dsjax.train.signals import StopRequested
+
+    config = config_from_dict({"training": {"checkpoint_dir": str(tmp_path / "ck"), "output_dir": str(tmp_path / "out")}})
+    for run in ("nano", "nano-sft"):
+        (tmp_path / "ck" / run / "final").mkdir(parents=True)
+    plans = plan_stages(["sft"], config, "nano", resume=True, overwrite=False)
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "compare", interrupted)
+    with pytest.raises(StopRequested) as stop:
+        compare_stages(plans, config, argparse.Namespace(start_from=None, model_size="nano"))
+    assert stop.value.exit_code == 130
+    assert "final/ folders are saved" in str(stop.value) and "dsjax eval --checkpoint" in str(stop.value)
