@@ -272,9 +272,10 @@ def run_case_mlx(case: Case, steps: int, warmup: int, peak_override: float | Non
     """The same measurement for the MLX backend (`MLXTrainer`, one device; its step returns host floats)."""
     import jax
 
-    from dsjax.mlx_backend import require_mlx
+    from dsjax.mlx_backend import note_linux_speed, require_mlx
 
     require_mlx()
+    note_linux_speed()
     from dsjax.mlx_backend.train import MLXTrainer
     from dsjax.model import init
 

@@ -712,7 +712,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         require_mlx()
         import jax
 
+        from dsjax.mlx_backend import note_linux_speed
         from dsjax.mlx_backend.generate import generate_tokens_mlx
+
+        note_linux_speed()
         from dsjax.mlx_backend.model import to_mlx
 
         params = to_mlx(jax.device_get(params))

@@ -20,13 +20,13 @@ def require_mlx():
             "--backend mlx needs MLX, which is not installed: run `uv sync --extra mlx` "
             "(mlx on Apple silicon, mlx[cpu] on Linux)"
         ) from None
-    _warn_if_linux()
     return mx
 
 
 @functools.cache
-def _warn_if_linux() -> None:
-    """Once per process: mlx[cpu] on Linux is correct (tested against JAX) but far slower than JAX there."""
+def note_linux_speed() -> None:
+    """Once per process, when MLX work starts (after every check): mlx[cpu] on Linux is correct (tested
+    against JAX) but far slower than JAX there."""
     if platform.system() == "Linux":
         logging.getLogger(__name__).warning(
             "--backend mlx on Linux runs MLX's CPU build, kept for the tests: expect it tens of times slower than JAX "

@@ -36,6 +36,9 @@ def evaluate(trainer: MLXTrainer, split, config: Config) -> dict[str, float]:
 
 def pretrain_mlx(config: Config, run_name: str, resume: bool = False) -> dict:
     from dsjax import model as jax_model  # the shared initialiser: both backends start from the same params
+    from dsjax.mlx_backend import note_linux_speed
+
+    note_linux_speed()
 
     t, c = config.training, config.model
     data_dir, work_dir = Path(t.data_dir), Path(t.work_dir)
