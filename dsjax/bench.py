@@ -227,29 +227,28 @@ def run_case(
 
     device = jax.devices()[0]
     tokens_per_step = t.gradient_accumulation_steps * t.batch_size * t.seq_len
-    folded = getattr(step_fn, "accumulation", "scan") == "fold"
-    microbatch_tokens = t.batch_size * t.seq_len * (t.gradient_accumulation_steps if folded else 1)
-    moe_path, attention_path = _resolved_paths(c, microbatch_tokens, mesh)
-    # what was traced, where a path could not take the case (the row names what ran, not what was asked)
-    if any(line.startswith(f"attention {attention_path} -> xla") for line in fell_back):
-        attention_path = "xla"
-    if any(line.startswith("moe pallas -> dense") for line in fell_back) and moe_path == "pallas":
-        moe_path = "dense"
+    accumulation = step_fn.accumulation
+    microbatch_tokens = t.batch_size * t.seq_len * (t.gradient_accumulation_steps if accumulation == "fold" else 1)
+    paths = dict(zip(("moe", "attention"), _resolved_paths(c, microbatch_tokens, mesh)))
+    for fallback in fell_back:  # the row names what ran where a path could not take the case, not what was asked
+        if paths.get(fallback.part) == fallback.asked:
+            paths[fallback.part] = fallback.ran
+    moe_path, attention_path = paths["moe"], paths["attention"]
     flops_token = train_flops_per_token(c, t.seq_len)
     peak = peak_tflops(device.device_kind, peak_override)
     n_devices = shape.devices
     return {
         "case": case.label.replace(f"moe={c.moe_impl}", f"moe={c.moe_impl}({moe_path})" if c.moe_impl != moe_path else f"moe={c.moe_impl}")
         .replace(f"attn={c.attention_impl}", f"attn={c.attention_impl}({attention_path})" if c.attention_impl != attention_path else f"attn={c.attention_impl}")
-        .replace("accum=auto", f"accum=auto({getattr(step_fn, 'accumulation', 'scan')})"),
+        .replace("accum=auto", f"accum=auto({accumulation})"),
         "model_size": case.model_size,
         "moe_path": moe_path,
-        "fallbacks": fell_back,
+        "fallbacks": [str(f) for f in fell_back],
         "attention_path": attention_path,
         "moe_impl": c.moe_impl,
         "attention_impl": c.attention_impl,
         "remat": c.remat,
-        "accumulation": getattr(step_fn, "accumulation", "scan"),
+        "accumulation": accumulation,
         "batch_size": t.batch_size,
         "grad_accum": t.gradient_accumulation_steps,
         "seq_len": t.seq_len,

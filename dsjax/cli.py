@@ -529,7 +529,8 @@ def run_export(final_dir: Path, out_dir: Path, args: argparse.Namespace) -> None
         target = targets[fmt]
         dtype = args.export_dtype or ("f16" if fmt == "gguf" else "f32")
         newer = target.exists() and target.stat().st_mtime >= final_dir.stat().st_mtime
-        if newer and not args.overwrite and existing_dtype(target, fmt) == dtype:
+        held = existing_dtype(target, fmt) if newer else None
+        if newer and not args.overwrite and held == dtype:
             log.info("export: skipped, %s (%s) exists and is newer than %s (--overwrite writes it again)", target, dtype, final_dir)
             continue
         if target.exists():  # moved aside, never deleted
@@ -538,7 +539,7 @@ def run_export(final_dir: Path, out_dir: Path, args: argparse.Namespace) -> None
             why = (
                 "--overwrite" if args.overwrite
                 else f"it is older than {final_dir}" if not newer
-                else f"it holds {existing_dtype(target, fmt) or 'another dtype'}, not {dtype}"
+                else f"it holds {held or 'another dtype'}, not {dtype}"
             )
             for old, new in runs.move_aside([target]):
                 log.warning("export: moved %s to %s (%s)", old, new, why)
@@ -618,9 +619,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     setup_logging(False)
     check_max_stories(args.max_stories)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise DownloadError(f"--out {out} is a file; it must be a folder (train/ and valid/ are written inside)")
-    check_folder_flag("--out", out)
+    check_folder_flag("--out", out)  # train/ and valid/ are written inside
     existing = [str(split_file(out, s)) for s in SPLITS if split_file(out, s).exists()]
     if existing:
         raise DownloadError(
@@ -714,10 +713,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         from dsjax.mlx_backend import note_linux_speed
         from dsjax.mlx_backend.generate import generate_tokens_mlx
-
-        note_linux_speed()
         from dsjax.mlx_backend.model import to_mlx
 
+        note_linux_speed()
         params = to_mlx(jax.device_get(params))
         generate = generate_tokens_mlx
     else:
@@ -780,13 +778,10 @@ def _generate_batch(params, config, tokenizer, prompts_ids, sampling, num_sample
 def cmd_checkpoints_ls(args: argparse.Namespace) -> int:
     from dsjax.train.checkpoint import describe_run, step_number
 
-    def checkpoint_step_folder(folder: Path) -> bool:
-        return folder.is_dir() and step_number(folder) is not None and (folder / "_CHECKPOINT_METADATA").is_file()
-
     run_dir = Path(args.run_dir)
     infos = describe_run(run_dir)
     if not infos:
-        if checkpoint_step_folder(run_dir):
+        if step_number(run_dir) is not None and (run_dir / "_CHECKPOINT_METADATA").is_file():
             raise UsageError(f"{args.run_dir} is one step's checkpoint; list its run folder: dsjax checkpoints ls {run_dir.parent}")
         if (run_dir / "params").is_dir() and (run_dir / "config.json").is_file():
             if run_dir.name != "final":  # e.g. `dsjax import --out checkpoints/x`: not inside a run folder
@@ -956,12 +951,6 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def checkpoint_label(folder: Path) -> str:
-    """checkpoints/<run>/final is named by its run; a final/ folder of another name (an import) by its own name."""
-    folder = folder.absolute()
-    return folder.parent.name if folder.name == "final" else folder.name
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from dsjax.data import layout
     from dsjax.posttrain.evaluate import EvalSettings, compare
@@ -986,7 +975,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
     settings = EvalSettings.from_config(configs[0], **changes)
-    items = [(checkpoint_label(Path(folder)), Path(folder)) for folder in args.checkpoint]
+    from dsjax.train.runs import run_name_of
+
+    items = [(run_name_of(Path(folder)), Path(folder)) for folder in args.checkpoint]
     result = compare(items, settings, data_dir, Path(args.work_dir) if args.work_dir else None, out=None if args.json else print)
     if args.json:
         print(json.dumps(result, indent=2))

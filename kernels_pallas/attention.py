@@ -93,7 +93,7 @@ def cudnn_attention(q_BHTK, k_BHSK, v_BHSV, scale, q_offset=0):
 
 
 def _log_once(impl: str, reason: str):
-    fallbacks.note(f"attention {impl} -> xla: {reason}")
+    fallbacks.note("attention", impl, "xla", reason)
     if (impl, reason) not in _logged:
         _logged.add((impl, reason))
         log.warning("attention: %s cannot run here (%s); using the xla reference", impl, reason)

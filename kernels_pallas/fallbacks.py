@@ -1,4 +1,4 @@
-"""Which asked-for compute paths fell back to another while a program was traced.
+"""Which asked-for compute paths ran as another while a program was traced.
 
 A kernel that cannot take a call (cuDNN on CPU, a dtype it lacks) runs the reference
 instead and logs it once per process. `recorded()` lets a caller that labels results
@@ -8,14 +8,26 @@ instead and logs it once per process. `recorded()` lets a caller that labels res
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
-_open: list[list[str]] = []  # the lists of the `recorded()` blocks now open
+
+class Fallback(NamedTuple):
+    part: str  # "attention" or "moe"
+    asked: str  # the path asked for
+    ran: str  # the path that ran (the same when only the way it ran differs, e.g. interpreted)
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.part} {self.asked} -> {self.ran}: {self.reason}"
+
+
+_open: list[list[Fallback]] = []  # the lists of the `recorded()` blocks now open
 
 
 @contextlib.contextmanager
 def recorded():
-    """Collect, while open, one line per fallback traced: "attention cudnn -> xla: cuDNN needs a GPU"."""
-    seen: list[str] = []
+    """Collect, while open, each distinct fallback traced."""
+    seen: list[Fallback] = []
     _open.append(seen)
     try:
         yield seen
@@ -23,7 +35,8 @@ def recorded():
         _open.remove(seen)
 
 
-def note(line: str) -> None:
+def note(part: str, asked: str, ran: str, reason: str) -> None:
+    fallback = Fallback(part, asked, ran, reason)
     for seen in _open:
-        if line not in seen:
-            seen.append(line)
+        if fallback not in seen:
+            seen.append(fallback)

@@ -118,7 +118,7 @@ def _fetch(plan: plans.Plan, modal_app, sync) -> None:
 
     by_name = {name: modal_app.volumes[mount] for name, mount, _ in plans.VOLUMES}
     if not plan.resume:  # this launch started the run afresh: a local copy of an older one is kept aside
-        names = {local.parent.name if local.name == "final" else local.name for _, _, local in plan.downloads()}
+        names = {runs.run_name_of(local) for _, _, local in plan.downloads()}
         local = [d / n for n in sorted(names) for d in (plan.checkpoint_dir, plan.output_dir) if (d / n).exists()]
         for old, new in runs.move_aside(local):
             _say(f"moved the local {old} aside to {new}")

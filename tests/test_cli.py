@@ -71,10 +71,10 @@ def test_info_prints_counts(capsys):
 
 
 def test_eval_names_a_checkpoint_by_its_run_or_its_own_name(tmp_path):
-    from dsjax.cli import checkpoint_label
+    from dsjax.train.runs import run_name_of
 
-    assert checkpoint_label(tmp_path / "checkpoints/nano-sft/final") == "nano-sft"
-    assert checkpoint_label(tmp_path / "imports/from-hf") == "from-hf"  # `dsjax import --out imports/from-hf`
+    assert run_name_of(tmp_path / "checkpoints/nano-sft/final") == "nano-sft"
+    assert run_name_of(tmp_path / "imports/from-hf") == "from-hf"  # `dsjax import --out imports/from-hf`
 
 
 def test_ctrl_c_while_scoring_the_stages_says_how_to_get_the_table(tmp_path, monkeypatch):

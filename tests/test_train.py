@@ -236,9 +236,8 @@ def test_accumulation_auto_folds_only_what_fits():
 
 def test_eval_step_compiled_ahead_is_not_compiled_again():
     """The loop's background compile of the eval step: its first call then compiles nothing, also on a mesh."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
     from dsjax.train import distributed, precompile
+    from dsjax.train.loop import _eval_inputs
     from dsjax.train.step import make_eval_step, state_shardings_for
 
     config = load_config("nano")
@@ -249,18 +248,12 @@ def test_eval_step_compiled_ahead_is_not_compiled_again():
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, _secs, **_: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
     )
-    for mesh in (None, jax.make_mesh((2,), ("dp",), devices=jax.devices()[:2])):
-        c = config if mesh is None else dataclasses.replace(config, distributed=dataclasses.replace(config.distributed, dp_size=2))
-        if mesh is None:
-            params = jax.jit(lambda k: init_state(c, k).params)(jax.random.key(0))
-            args = batch
-        else:
-            mesh, _ = distributed.setup_mesh(c, 2)
-            params = jax.jit(lambda k: init_state(c, k).params, out_shardings=state_shardings_for(c, mesh).params)(
-                jax.random.key(0)
-            )
-            rows = distributed.eval_data_shardings(mesh)
-            args = tuple(distributed.to_global(a, rows) for a in batch)
+    for dp in (1, 2):
+        c = dataclasses.replace(config, distributed=dataclasses.replace(config.distributed, dp_size=dp))
+        mesh, _ = distributed.setup_mesh(c, dp)  # None on one device
+        shardings = None if mesh is None else state_shardings_for(c, mesh).params
+        params = jax.jit(lambda k: init_state(c, k).params, out_shardings=shardings)(jax.random.key(0))
+        args = _eval_inputs(batch, mesh)  # as the loop's evals and its compile ahead pass the batch
         eval_step = make_eval_step(c, mesh=mesh)
         specs = (precompile.call_specs(params, mesh), *args)
         params = jax.tree.map(lambda a: a + 0, params)  # the loop's first train step donates the buffers the specs came from

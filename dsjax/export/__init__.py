@@ -49,6 +49,7 @@ def export_checkpoint(final_dir: Path, fmt: str, out: Path, dtype: str = "f32") 
     Returns (out, warnings); warnings are also logged. Raises ExportError or CheckpointError.
     """
     from dsjax.train.checkpoint import load_final, read_final_config
+    from dsjax.train.runs import run_name_of
 
     final_dir, out = Path(final_dir), Path(out)
     check_export(fmt, out, dtype)
@@ -60,7 +61,8 @@ def export_checkpoint(final_dir: Path, fmt: str, out: Path, dtype: str = "f32") 
 
         check_model(config.model)
         params, config, tokenizer = load_final(final_dir)
-        write_gguf(params, config.model, tokenizer, out, dtype, name=_model_name(final_dir))
+        # general.name: the run, as llama.cpp's converter names a model by its folder
+        write_gguf(params, config.model, tokenizer, out, dtype, name=run_name_of(final_dir))
     else:
         from dsjax.export.hf_write import write_hf
 
@@ -83,10 +85,6 @@ def import_checkpoint(source: Path, out: Path, fmt: str) -> Path:
     raise ExportError(f"import format {fmt!r} is unknown; choose hf or gguf")
 
 
-def _model_name(final_dir: Path) -> str:
-    """general.name: the run's name (checkpoints/<run>/final), as the converter names a model by its folder."""
-    final_dir = Path(final_dir).absolute()
-    return final_dir.parent.name if final_dir.name == "final" else final_dir.name
 
 
 def existing_dtype(target: Path, fmt: str) -> str | None:

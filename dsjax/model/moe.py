@@ -128,17 +128,15 @@ def _log_once(message: str) -> None:
 
 
 def _experts_pallas(experts, x_TD, expert_idx_TK, gate_TK):
-    from kernels_pallas import moe as kernels  # Pallas is imported only when this path is chosen
-
-    from kernels_pallas import fallbacks
+    from kernels_pallas import fallbacks, moe as kernels  # Pallas is imported only when this path is chosen
 
     reason = kernels.unsupported_reason(x_TD)
     if reason is not None:
-        fallbacks.note(f"moe pallas -> dense: {reason}")
+        fallbacks.note("moe", "pallas", "dense", reason)
         _log_once(f"--moe pallas: {reason}; using the dense path")
         return _experts_dense(experts, x_TD, expert_idx_TK, gate_TK)
     if kernels.default_interpret():
-        fallbacks.note(f"moe pallas interpreted on {jax.default_backend()}")
+        fallbacks.note("moe", "pallas", "pallas", f"interpreted on {jax.default_backend()}")
         _log_once(f"--moe pallas: interpreting the kernels on {jax.default_backend()} (slow; they compile for NVIDIA GPUs)")
     return kernels.experts_pallas(experts, x_TD, expert_idx_TK, gate_TK)
 

@@ -125,11 +125,10 @@ def sft(
     train_examples = encode_examples(load_instructions(config, "train"), tokenizer, t.seq_len)
     valid_examples = encode_examples(load_instructions(config, "valid"), tokenizer, t.seq_len)
     whole = float(np.mean(np.any(train_examples[0] == tokenizer.eos_id, axis=1)))  # </s> closes only a whole response
-    valid_source = layout.split_file(Path(t.data_dir), "valid")  # made from the stories, whatever --sft-data is
-    log.info(
+    log.info(  # the valid examples are made from the stories, whatever --sft-data is
         "sft: %d train examples from %s and %d valid examples from %s (%.0f%% fit whole in seq_len=%d), starting from %s",
         len(train_examples[0]), config.sft.data or layout.split_file(Path(t.data_dir), "train"), len(valid_examples[0]),
-        valid_source, 100 * whole, t.seq_len, start_final,
+        layout.split_file(Path(t.data_dir), "valid"), 100 * whole, t.seq_len, start_final,
     )
     data_record = {
         **layout.fingerprints(Path(t.data_dir)),

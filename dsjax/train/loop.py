@@ -50,25 +50,19 @@ class TrainingDiverged(RuntimeError):
 
 def evaluate(eval_step, params, batches, mesh=None) -> dict[str, float]:
     """Weighted next-token loss (nats/token) and bits per byte over `batches` of (windows_BT1, bytes_BT1, weight_BT)."""
-    rows = distributed.eval_data_shardings(mesh)
     totals = jnp.zeros(3, jnp.float32)
-    for windows, byte_counts, weight in batches:
-        if mesh is not None:
-            windows, byte_counts, weight = (
-                distributed.to_global(distributed.local_rows(a), rows) for a in (windows, byte_counts, weight)
-            )
-        totals = totals + jnp.stack(eval_step(params, windows, byte_counts, weight))
+    for batch in batches:
+        totals = totals + jnp.stack(eval_step(params, *_eval_inputs(batch, mesh)))
     nats, tokens, text_bytes = (float(x) for x in totals)
     return {"val_loss": nats / tokens, "val_bpb": nats / (math.log(2) * text_bytes), "val_tokens": tokens}
 
 
-def _first_eval_batch(job: "TrainingJob", mesh) -> tuple:
-    """The first eval batch as `evaluate` passes it to the eval step (global arrays under a mesh)."""
-    first = next(iter(job.eval_batches()))
+def _eval_inputs(batch, mesh) -> tuple:
+    """(windows, bytes, weight) as the eval step takes them: this process's rows as global arrays under a mesh."""
     if mesh is None:
-        return tuple(first)
+        return tuple(batch)
     rows = distributed.eval_data_shardings(mesh)
-    return tuple(distributed.to_global(distributed.local_rows(a), rows) for a in first)
+    return tuple(distributed.to_global(distributed.local_rows(a), rows) for a in batch)
 
 
 def story_eval_batches(split, config: Config):
@@ -275,7 +269,7 @@ def _train(config, run_name, resume, paths, job: TrainingJob, store, mesh, shape
     eval_step = make_eval_step(config, mesh=mesh)
     # the first eval's compile, made on a background thread once training runs (the state's
     # buffers are donated by the first step, so their specs are taken now)
-    eval_specs = (precompile.call_specs(state.params, mesh), *_first_eval_batch(job, mesh))
+    eval_specs = (precompile.call_specs(state.params, mesh), *_eval_inputs(next(iter(job.eval_batches())), mesh))
     batch_layout = batch_sharding(mesh) if mesh is not None else None
     local_micro = micro // jax.process_count()
     tokens_per_step = micro * accum * t.seq_len

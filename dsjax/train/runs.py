@@ -80,6 +80,12 @@ def check_name_free(paths: RunPaths, run_name: str, overwrite: bool) -> list[Pat
     return [folder for folder, _ in taken]
 
 
+def run_name_of(folder: Path) -> str:
+    """The run a folder belongs to: checkpoints/<run>/final and outputs/<run> by <run>; any other folder by its own name."""
+    folder = Path(folder).absolute()
+    return folder.parent.name if folder.name == "final" else folder.name
+
+
 def move_aside(folders: list[Path], now: float | None = None) -> list[tuple[Path, Path]]:
     """Rename each folder to `<name>.replaced-<UTC time>` beside it (same stamp for all); returns (old, new) pairs."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))

@@ -194,12 +194,12 @@ def make_train_step(config: Config, moe_impl: str = "auto", mesh=None, objective
     M = microbatches_for(config, mesh)
     objective = objective or pretrain_objective
     loss = objective(config, moe_impl, M)
-    fold = resolve_accumulation(config, mesh, getattr(objective, "foldable", False)) == "fold"
+    accumulation = resolve_accumulation(config, mesh, getattr(objective, "foldable", False))
 
     def train_step(state: TrainState, batch_ABT1, *extras):
         loss_fn = lambda p, w: loss(p, w, extras)  # noqa: E731
         grad_fn = jax.value_and_grad(with_scheme(config.distributed.ep_dispatch, loss_fn), has_aux=True)
-        if fold:
+        if accumulation == "fold":
             batch_ABT1 = fold_microbatches(batch_ABT1)
         grads, metrics = accumulated_gradients(grad_fn, state.params, batch_ABT1)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -214,7 +214,7 @@ def make_train_step(config: Config, moe_impl: str = "auto", mesh=None, objective
 
     if mesh is None:
         jitted = jax.jit(train_step, donate_argnums=0)
-        jitted.accumulation = "fold" if fold else "scan"
+        jitted.accumulation = accumulation
         return jitted
     shardings = state_shardings_for(config, mesh)
     extras_in = () if extras_shardings is None else tuple(extras_shardings)
@@ -230,7 +230,7 @@ def make_train_step(config: Config, moe_impl: str = "auto", mesh=None, objective
             return jitted(state, batch_ABT1, *extras)
 
     sharded_step.jitted = jitted  # for inspection (compiled memory, HLO) under `jax.set_mesh(mesh)`
-    sharded_step.accumulation = "fold" if fold else "scan"
+    sharded_step.accumulation = accumulation
     return sharded_step
 
 
