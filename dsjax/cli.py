@@ -271,7 +271,7 @@ def check_run_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"{', '.join(given)}: only with --backend modal (or python -m launch.modal_h100)")
 
 
-def check_mesh(config, args: argparse.Namespace) -> None:
+def check_mesh(config, args: argparse.Namespace, stages: list[str] = ()) -> None:
     """Mesh sizes against the model, batch and devices: everything `build_mesh` would refuse, before any work."""
     import jax
 
@@ -284,7 +284,12 @@ def check_mesh(config, args: argparse.Namespace) -> None:
     available = len(jax.devices())
     if args.gpus is not None and args.gpus > available:
         raise MeshError(f"--gpus {args.gpus} asks for more devices than the {available} available")
-    validate(resolve_shape(d, args.gpus or available), config)
+    shape = resolve_shape(d, args.gpus or available)
+    validate(shape, config)
+    if "grpo" in stages:
+        from dsjax.posttrain.grpo_loop import check_grpo_mesh
+
+        check_grpo_mesh(config, shape, jax.process_count())
     if config.training.batch_size % jax.process_count():
         raise UsageError(
             f"batch_size={config.training.batch_size} does not divide over {jax.process_count()} processes"
@@ -358,7 +363,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from dsjax.train.distributed import initialize_multihost
 
         initialize_multihost(args.coordinator, args.num_processes, args.process_id)
-        check_mesh(config, args)
+        check_mesh(config, args, stages)
         from dsjax.train.compile_cache import use_compile_cache
 
         cache = use_compile_cache(args.compile_cache, config.training.work_dir)
@@ -416,8 +421,10 @@ def check_stage_flags(stages: list[str], config, args: argparse.Namespace, mesh_
         if not sft_data.is_file():
             problem = "is a folder; give a file" if sft_data.is_dir() else "no such file"
             raise UsageError(f"--sft-data (sft.data) {config.sft.data}: {problem} (TinyStoriesInstruct format)")
-    if "grpo" in stages and mesh_total > 1:
-        raise UsageError(f"the grpo stage runs on one device, but the mesh flags ask for {mesh_total}; drop them")
+    if "grpo" in stages:
+        from dsjax.posttrain.grpo_loop import check_grpo_mesh
+
+        check_grpo_mesh(config, processes=args.num_processes or 1)
     if "grpo" in stages and config.grpo.max_new_tokens >= config.model.max_position_embeddings:
         raise ConfigError(
             f"grpo.max_new_tokens: {config.grpo.max_new_tokens} leaves no room for a prompt within "
@@ -510,7 +517,7 @@ def run_stage(plan, config, args: argparse.Namespace) -> None:
     elif plan.stage == "grpo":
         from dsjax.posttrain.grpo_loop import grpo
 
-        grpo(config, plan.run_name, plan.start_final, resume=resume)
+        grpo(config, plan.run_name, plan.start_final, resume=resume, device_count=args.gpus)
     elif plan.stage == "distill":
         from dsjax.distill import distill
 

@@ -89,6 +89,7 @@ def world(tmp_path_factory, tinystories_dir):
 
     (root / "micro.json").write_text(json.dumps(MICRO))
     (root / "micro_wide.json").write_text(json.dumps({**MICRO, "model": {**MICRO["model"], "hidden_size": 64}}))
+    (root / "micro_grpo.json").write_text(json.dumps({**MICRO, "grpo": {"max_new_tokens": 16, "prompts_per_step": 3}}))
     (root / "malformed.json").write_text('{"model": {"hidden_size": 32,}')
     (root / "unknown_key.json").write_text('{"model": {"num_hiden_layers": 2}}')
     (root / "wrong_type.json").write_text('{"model": {"hidden_size": "big"}}')
@@ -183,8 +184,11 @@ CASES = [
     Case("start-from not a checkpoint", f"{{RUN}} {D} --stages sft --start-from {{root}}/data_ok", 4,
          r"data_ok is not a dsjax final/ checkpoint"),
     Case("distill without a teacher", f"{{RUN}} {D} --stages distill", 2, r"the distill stage needs --teacher"),
-    Case("grpo on a mesh", f"{{RUN}} {D} --stages grpo --start-from {{root}}/ck/trained/final --gpus 2 --dp-size 2",
-         2, r"the grpo stage runs on one device, but the mesh flags ask for 2"),
+    Case("grpo on pipeline stages", f"{{RUN}} {D} --stages grpo --start-from {{root}}/ck/trained/final --gpus 2 --pp-size 2",
+         2, r"the grpo stage runs on dp/tp/ep/sp meshes, not pipeline stages \(pp_size=2\); drop --pp-size"),
+    Case("grpo rows over dp", f"{{RUN}} {D} --stages grpo --start-from {{root}}/ck/trained/final --gpus 2 --dp-size 2 "
+         "--group-size 3 --config {root}/micro_grpo.json", 2, r"grpo: a step's 3 prompts x 3 samples = 9 rows do not split over "
+         r"the data-parallel size dp\*ep=2\*1=2; change grpo.prompts_per_step or --group-size"),
     Case("export flags without export", f"{{RUN}} {D} --export-format gguf", 2, r"add export to --stages"),
     Case("q8_0 for the hf export", f"{{RUN}} {D} --stages pretrain,export --export-dtype q8_0", 2,
          r"--export-dtype q8_0 is a GGUF type; add --export-format gguf"),

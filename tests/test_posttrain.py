@@ -1,5 +1,6 @@
 """Post-training pieces: instruction data, reward terms, GRPO's advantages and loss, the GRPO loop, evaluation."""
 
+import dataclasses
 import json
 import math
 import re
@@ -320,12 +321,12 @@ def grpo_run(tiny, tokenizer, tinystories_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(grpo_loop, "step_prompts", preempted_at_step_2)
         with pytest.raises(StopRequested) as stopped:
-            grpo_loop.grpo(config, "t-grpo", start)
+            grpo_loop.grpo(config, "t-grpo", start, device_count=1)
     ckpt = root / "checkpoints" / "t-grpo"
     stopped_at = (stopped.value.exit_code, checkpoint.committed_steps(ckpt), (ckpt / "final").exists())
-    summary = grpo_loop.grpo(config, "t-grpo", start, resume=True)
+    summary = grpo_loop.grpo(config, "t-grpo", start, resume=True, device_count=1)
     return {"root": root, "start": start, "stopped": stopped_at, "summary": summary, "params": params,
-            "data": tinystories_dir}
+            "data": tinystories_dir, "config": config}
 
 
 def test_grpo_loop_writes_outputs_and_resumes(grpo_run):
@@ -347,6 +348,65 @@ def test_grpo_loop_writes_outputs_and_resumes(grpo_run):
     assert [s["step"] for s in samples] == [2, 2, 3, 3] and {"completion", "coverage", "reward"} <= set(samples[0])
     final, _, _ = checkpoint.load_final(ckpt / "final")
     assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(grpo_run["params"])))
+
+
+def test_grpo_step_on_a_mesh_matches_one_device(tiny):
+    """dp x tp x ep: the state in pretraining's layout, the batch split over dp x ep, the log-probs over
+    split logits; the same old/ref log-probs, loss, metrics and updated weights as one device."""
+    from dsjax.config import config_from_dict
+    from dsjax.posttrain.grpo_loop import grpo_training_config
+    from dsjax.train import distributed
+    from dsjax.train.step import TrainState, state_shardings_for
+
+    config, params = tiny
+    tokens, mask = _random_batch()
+    spec = G.ObjectiveSpec.from_config(config.grpo)
+    tcfg = grpo_training_config(config)
+    adv = G.group_advantages(jnp.asarray([[0.1, 0.9], [0.6, 0.2]])).reshape(-1)
+    optimizer = G.make_optimizer(tcfg)
+    fresh = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p))  # noqa: E731
+
+    def run(mesh, shardings):
+        logprobs = G.make_logprobs(config.model, mesh=mesh)
+        place = (lambda b: b) if mesh is None else (lambda b: jax.device_put(b, G.batch_shardings(b, mesh)))  # noqa: E731
+        policy = params if mesh is None else jax.device_put(params, shardings.params)
+        batch = place({"tokens": tokens, "mask": mask, "adv": adv})
+        batch = place({**batch, "old": logprobs(policy, batch["tokens"]) - 0.01, "ref": logprobs(policy, batch["tokens"])})
+        state = jax.jit(fresh, out_shardings=shardings)(jax.tree.map(jnp.copy, policy))
+        new_state, metrics = G.make_grpo_step(config.model, spec, tcfg, mesh=mesh)(state, batch)
+        return jax.device_get((batch["old"], metrics, new_state.params))
+
+    one_old, one, one_params = run(None, None)
+    meshed = config_from_dict({"distributed": {"dp_size": 2, "tp_size": 2, "ep_size": 2}}, config)
+    mesh, shape = distributed.setup_mesh(meshed, 8)
+    shardings = state_shardings_for(dataclasses.replace(meshed, training=tcfg), mesh, stages=1)
+    assert any(len(set(s.spec) - {None}) for s in jax.tree.leaves(shardings.params))  # weights really split
+    old, on_mesh, mesh_params = run(mesh, shardings)
+    np.testing.assert_allclose(old, one_old, rtol=1e-5, atol=1e-6)
+    for key in ("loss", "kl", "entropy", "clip_fraction", "policy_loss", "grad_norm", "lr"):
+        np.testing.assert_allclose(float(on_mesh[key]), float(one[key]), rtol=1e-5, atol=1e-7, err_msg=key)
+    for a, b in zip(jax.tree.leaves(mesh_params), jax.tree.leaves(one_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_grpo_run_on_a_dp_mesh_matches_one_device(grpo_run, tokenizer):
+    """The loop on 2 devices (dp 2): the same samples (rewards equal exactly) and the same step as one device."""
+    from dsjax.config import config_from_dict
+    from dsjax.posttrain import grpo_loop
+
+    root = grpo_run["root"]
+    config = config_from_dict({"grpo": {"max_steps": 1}, "distributed": {"dp_size": 2}}, grpo_run["config"])
+    grpo_loop.grpo(config, "t-grpo-dp", grpo_run["start"], device_count=2)
+    one, two = (_csv_rows(root / "outputs" / name / "metrics.csv")[0] for name in ("t-grpo", "t-grpo-dp"))
+    for key in ("reward", "reward_std", "coverage", "ending", "response_tokens"):
+        assert two[key] == one[key], key
+    for key in ("loss", "kl", "entropy", "clip_fraction", "grad_norm"):
+        np.testing.assert_allclose(float(two[key]), float(one[key]), rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def _csv_rows(path):
+    header, *body = path.read_text().splitlines()
+    return [dict(zip(header.split(","), line.split(","))) for line in body]
 
 
 # --- evaluation ------------------------------------------------------------------------

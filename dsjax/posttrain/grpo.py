@@ -32,14 +32,17 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax import model
-from dsjax.config import ModelConfig, TrainingConfig
+from dsjax.config import Config, ModelConfig, TrainingConfig
 from dsjax.model.layers import rms_norm
 from dsjax.model.loss import default_chunk_tokens
 from dsjax.model.transformer import forward_hidden, head_kernel
 from dsjax.train.optimizer import lr_schedule, make_optimizer
-from dsjax.train.step import TrainState
+from dsjax.train.step import TrainState, state_shardings_for
+from meshes.expert_parallel import with_scheme
+from meshes.mesh import BATCH_AXES
 
 AGGREGATIONS = ("grpo", "dr_grpo", "dapo")
 STD_EPS = 1e-4
@@ -90,6 +93,8 @@ def token_logprobs(params, tokens_BL, c: ModelConfig, chunk_tokens: int | None =
     logits are made, reduced and dropped, and with several chunks `jax.checkpoint` remakes
     them in the backward pass, so [B, T, V] logits never exist.
     """
+    if not jax.sharding.get_abstract_mesh().empty:
+        return _split_logprobs(params, tokens_BL, c, moe_impl)
     inputs_BT, targets_BT = tokens_BL[:, :-1], tokens_BL[:, 1:]
     B, T = inputs_BT.shape
     h_BTD, _ = forward_hidden(params, inputs_BT, c, moe_impl=moe_impl)
@@ -108,6 +113,18 @@ def token_logprobs(params, tokens_BL, c: ModelConfig, chunk_tokens: int | None =
 
     logp_nC, entropy_nC = jax.lax.map(jax.checkpoint(chunk) if n > 1 else chunk, (h_nCD, t_nC))
     return logp_nC.reshape(-1)[:N].reshape(B, T), entropy_nC.reshape(-1)[:N].reshape(B, T)
+
+
+def _split_logprobs(params, tokens_BL, c: ModelConfig, moe_impl: str = "auto"):
+    """`token_logprobs` under a mesh: the logits are already split (vocabulary over tp, rows over dp/ep,
+    tokens over sp), so the whole-logits path keeps that layout, as the pretraining loss does there.
+    The target's log-prob is a masked sum over each vocabulary shard (`token_cross_entropy`), not a gather."""
+    logits_BTV, _ = model.forward(params, tokens_BL[:, :-1], c, moe_impl=moe_impl)
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    logp_BT = -model.token_cross_entropy(logits_BTV, tokens_BL[:, 1:])
+    logp_BTV = jax.lax.stop_gradient(logits_BTV - jax.nn.logsumexp(logits_BTV, axis=-1, keepdims=True))
+    entropy_BT = -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)  # a metric: no gradient
+    return logp_BT, entropy_BT
 
 
 def token_logprobs_reference(params, tokens_BL, c: ModelConfig):
@@ -167,16 +184,30 @@ def policy_loss(params, batch: dict, c: ModelConfig, spec: ObjectiveSpec, chunk_
 
 # cached on their (hashable) arguments: a resumed or repeated stage in one process reuses the compiled programs
 @functools.lru_cache(maxsize=4)
-def make_logprobs(c: ModelConfig, chunk_tokens: int | None = None):
-    """Jitted logp_BT of a batch's tokens under some params (the sampling policy's, or the reference's)."""
-    return jax.jit(lambda params, tokens_BL: token_logprobs(params, tokens_BL, c, chunk_tokens)[0])
+def make_logprobs(c: ModelConfig, chunk_tokens: int | None = None, mesh=None, ep_dispatch: str = "mask"):
+    """Jitted logp_BT of a batch's tokens under some params (the sampling policy's, or the reference's).
+
+    With a mesh it runs under it (the model's sharding constraints and expert-parallel dispatch
+    apply) on params and tokens laid out as the step lays them out (`batch_shardings`).
+    """
+    fn = with_scheme(ep_dispatch, lambda params, tokens_BL: token_logprobs(params, tokens_BL, c, chunk_tokens)[0])
+    return _under(mesh, jax.jit(fn))
 
 
 @functools.lru_cache(maxsize=4)
-def make_grpo_step(c: ModelConfig, spec: ObjectiveSpec, t: TrainingConfig, chunk_tokens: int | None = None):
-    """step(state, batch) -> (state, metrics): one `make_optimizer(t)` update on the GRPO loss (jitted, state donated)."""
+def make_grpo_step(
+    c: ModelConfig, spec: ObjectiveSpec, t: TrainingConfig, chunk_tokens: int | None = None, mesh=None,
+    ep_dispatch: str = "mask",
+):
+    """step(state, batch) -> (state, metrics): one `make_optimizer(t)` update on the GRPO loss (jitted, state donated).
+
+    With a mesh the state keeps pretraining's layout (`state_shardings_for`: weights by the
+    logical-axis rules, optimizer moments split over dp) and the batch comes split over the
+    data-parallel axes (`batch_shardings`).
+    """
     optimizer, schedule = make_optimizer(t), lr_schedule(t)
-    grad_fn = jax.value_and_grad(lambda p, b: policy_loss(p, b, c, spec, chunk_tokens), has_aux=True)
+    loss_fn = with_scheme(ep_dispatch, lambda p, b: policy_loss(p, b, c, spec, chunk_tokens))
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: dict):
         (_, metrics), grads = grad_fn(state.params, batch)
@@ -186,4 +217,25 @@ def make_grpo_step(c: ModelConfig, spec: ObjectiveSpec, t: TrainingConfig, chunk
         metrics["lr"] = schedule(state.step)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    shardings = state_shardings_for(Config(model=c, training=t), mesh, stages=1)
+    return _under(mesh, jax.jit(step, out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0))
+
+
+def batch_shardings(batch: dict, mesh) -> dict:
+    """Each batch array ([B, ...]: tokens, mask, adv, old, ref) with its rows split over the data-parallel axes."""
+    return {k: NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (v.ndim - 1)))) for k, v in batch.items()}
+
+
+def _under(mesh, jitted):
+    """`jitted`, called under `mesh` when there is one (its tracing then sees the mesh's axes)."""
+    if mesh is None:
+        return jitted
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+
+    call.jitted = jitted
+    return call

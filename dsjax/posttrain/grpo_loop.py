@@ -13,7 +13,12 @@ Outputs, beside pretraining's: `outputs/<run>/metrics.csv` (one row per step,
 `grpo_metrics.GRPO_COLUMNS`), `loss.png` (rewards and KL), `training_log.json`,
 `samples.jsonl` (at each eval, `samples_per_eval` held-out completions with their
 terms), and `checkpoints/<run>/step_N` (N = GRPO steps; saved at each eval, the last
-step and on SIGTERM/Ctrl-C) and `final/`. One device: no mesh (`check_single_device`).
+step and on SIGTERM/Ctrl-C) and `final/`.
+
+Meshes: dp, tp, ep and sp, as pretraining lays them out (`--gpus`, `--dp-size`, ...). The
+state keeps pretraining's layout, each step's batch is split over dp x ep, and the
+log-probs and the update run under the mesh; sampling runs on the same laid-out weights,
+its rows whole on every device. Not pipeline stages, and one process (`check_grpo_mesh`).
 """
 
 from __future__ import annotations
@@ -40,28 +45,37 @@ from dsjax.posttrain.instructions import heldout_split, instructions_from_storie
 from dsjax.posttrain.rewards import TERMS, RewardSpec
 from dsjax.posttrain.rollout import EVAL_STREAM, Completion, encode_prompts, rollouts, row_seeds
 from dsjax.progress import console, training_progress
-from dsjax.train import checkpoint, runs
+from dsjax.train import checkpoint, distributed, runs
 from dsjax.train.checkpoint import CheckpointError, with_shardings
 from dsjax.train.loop import TrainingDiverged, checkpoint_store
 from dsjax.train.metrics import MetricsWriter
 from dsjax.train.optimizer import make_optimizer
 from dsjax.train.runs import RunPaths
 from dsjax.train.signals import GracefulStop, StopRequested
-from dsjax.train.step import TrainState
+from dsjax.train.step import TrainState, state_shardings_for
+from meshes.mesh import MeshError, MeshShape
 
 log = logging.getLogger(__name__)
 
-MESH_KEYS = ("pp_size", "dp_size", "tp_size", "ep_size", "sp_size")
 # grpo keys a resume must keep: they change which prompts and samples make each step's batch
 RESUME_GRPO_KEYS = ("prompts_per_step", "group_size", "max_new_tokens", "eval_prompts", "temperature")
 
 
-def check_single_device(config: Config) -> None:
-    """GRPO runs on one device; a mesh flag is a one-line ConfigError."""
-    d = config.distributed
-    bigger = [f"--{k.replace('_size', '')}-size {getattr(d, k)}" for k in MESH_KEYS if getattr(d, k) > 1]
-    if bigger:
-        raise ConfigError(f"the grpo stage runs on one device (no mesh); drop {', '.join(bigger)}")
+def check_grpo_mesh(config: Config, shape: MeshShape | None = None, processes: int = 1) -> None:
+    """What GRPO's mesh cannot be, as one-line MeshErrors: pipeline stages, several processes,
+    and (given the resolved `shape`) a step's prompts x group rows that do not split over dp x ep."""
+    pp = config.distributed.pp_size
+    if pp > 1:
+        raise MeshError(f"the grpo stage runs on dp/tp/ep/sp meshes, not pipeline stages (pp_size={pp}); drop --pp-size")
+    if processes > 1:
+        raise MeshError(f"the grpo stage runs in one process (its samples are scored on that host), not {processes}")
+    g = config.grpo
+    if shape is not None and (g.prompts_per_step * g.group_size) % shape.data_parallel:
+        raise MeshError(
+            f"grpo: a step's {g.prompts_per_step} prompts x {g.group_size} samples = "
+            f"{g.prompts_per_step * g.group_size} rows do not split over the data-parallel size dp*ep="
+            f"{shape.dp}*{shape.ep}={shape.data_parallel}; change grpo.prompts_per_step or --group-size"
+        )
 
 
 def grpo_training_config(config: Config):
@@ -110,18 +124,25 @@ def _term_means(completions: list[Completion], prefix: str = "") -> dict[str, fl
     return {prefix + k: float(np.mean([c.terms[k] for c in completions])) for k in keys}
 
 
-def grpo(config: Config, run_name: str, start_final_dir: Path, resume: bool = False) -> dict:
-    """Run the GRPO stage from `start_final_dir` (the SFT stage's final/); returns the training_log summary."""
-    check_single_device(config)
+def grpo(
+    config: Config, run_name: str, start_final_dir: Path, resume: bool = False, device_count: int | None = None
+) -> dict:
+    """Run the GRPO stage from `start_final_dir` (the SFT stage's final/); returns the training_log summary.
+
+    `device_count`: devices for the mesh (all by default, as pretraining); the mesh flags shape it.
+    """
+    check_grpo_mesh(config, processes=jax.process_count())
     ref_params, final_config, tokenizer_path = checkpoint.load_final(Path(start_final_dir))
     config = dataclasses.replace(config, model=_model_config(final_config, config))
+    mesh, shape = distributed.setup_mesh(config, device_count)
+    check_grpo_mesh(config, shape, jax.process_count())
     paths = RunPaths.for_run(config, run_name)
     with checkpoint_store(config, paths) as store:
-        return _run(config, run_name, Path(start_final_dir), resume, paths, store, ref_params, tokenizer_path)
+        return _run(config, run_name, Path(start_final_dir), resume, paths, store, ref_params, tokenizer_path, mesh, shape)
 
 
 def _run(config: Config, run_name: str, start_final: Path, resume: bool, paths: RunPaths, store, ref_params,
-         tokenizer_path: Path) -> dict:
+         tokenizer_path: Path, mesh, shape: MeshShape) -> dict:
     g, t, c = config.grpo, config.training, config.model
     G, P, N, mu = g.group_size, g.prompts_per_step, g.max_new_tokens, g.updates_per_batch
     tokenizer = Tokenizer(tokenizer_path)
@@ -139,6 +160,7 @@ def _run(config: Config, run_name: str, start_final: Path, resume: bool, paths: 
     pool_ids, eval_ids = encode_prompts(tokenizer, pool, chat), encode_prompts(tokenizer, eval_set, chat)
     # one shape for every batch (tokens, the sampler's cache and prefill): one compile per batch size
     length = max(map(len, pool_ids + eval_ids)) + N
+    length += -(length - 1) % shape.sp  # the step's L - 1 positions split over sp
     shortest = min(map(len, pool_ids + eval_ids))
     if length > c.max_position_embeddings:
         raise ConfigError(
@@ -149,10 +171,16 @@ def _run(config: Config, run_name: str, start_final: Path, resume: bool, paths: 
 
     tcfg = grpo_training_config(config)
     optimizer = make_optimizer(tcfg)
-    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     make_state = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p))  # noqa: E731
     abstract = jax.eval_shape(make_state, ref_params)
-    abstract = with_shardings(abstract, jax.tree.map(lambda _: single, abstract))
+    if mesh is None:
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: single, abstract)
+    else:
+        shardings = state_shardings_for(dataclasses.replace(config, training=tcfg), mesh, stages=1)
+        log.info(distributed.describe(mesh, shape, config, abstract, shardings))
+        ref_params = jax.device_put(ref_params, shardings.params)
+    abstract = with_shardings(abstract, shardings)
 
     state, start_step, wall_before, last_eval = None, 0, 0.0, {}
     if resume:
@@ -169,7 +197,7 @@ def _run(config: Config, run_name: str, start_final: Path, resume: bool, paths: 
             log.info("resumed GRPO from %s at step %d", folder, start_step)
     if state is None:
         # a copy: the step donates its state, and the reference must outlive it
-        state = jax.jit(make_state)(jax.tree.map(jnp.copy, ref_params))
+        state = jax.jit(make_state, out_shardings=None if mesh is None else shardings)(jax.tree.map(jnp.copy, ref_params))
 
     writer = MetricsWriter(paths.outputs, resume=start_step > 0, columns=GRPO_COLUMNS)
     if start_step > 0:
@@ -178,8 +206,10 @@ def _run(config: Config, run_name: str, start_final: Path, resume: bool, paths: 
     _truncate_samples(samples_path, start_step)
     (paths.outputs / "training_config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
-    step_fn = objective.make_grpo_step(c, objective.ObjectiveSpec.from_config(g), tcfg)
-    logprobs = objective.make_logprobs(c)
+    ep_dispatch = config.distributed.ep_dispatch
+    step_fn = objective.make_grpo_step(c, objective.ObjectiveSpec.from_config(g), tcfg, mesh=mesh, ep_dispatch=ep_dispatch)
+    logprobs = objective.make_logprobs(c, mesh=mesh, ep_dispatch=ep_dispatch)
+    place = (lambda b: b) if mesh is None else (lambda b: jax.device_put(b, objective.batch_shardings(b, mesh)))  # noqa: E731
     scale = g.loss_aggregation != "dr_grpo"  # Dr. GRPO drops the std division
     eval_seeds = row_seeds(t.seed, EVAL_STREAM, len(eval_set))
     run_start = time.perf_counter()
@@ -223,11 +253,12 @@ def _run(config: Config, run_name: str, start_final: Path, resume: bool, paths: 
             rewards = np.asarray([comp.terms["reward"] for comp in completions], np.float32).reshape(P, G)
             adv = objective.group_advantages(rewards, scale).reshape(-1)
             tokens, mask = build_batch(prompts, [comp.ids for comp in completions], length, tokenizer.pad_id)
-            batch = {"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask), "adv": adv}
+            batch = place({"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask), "adv": adv})
             if mu > 1:
                 batch["old"] = logprobs(state.params, batch["tokens"])
             if g.beta > 0:
                 batch["ref"] = logprobs(ref_params, batch["tokens"])
+            batch = place(batch)
             pending = []
             for _ in range(mu):
                 state, metrics = step_fn(state, batch)
