@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from dsjax.config import Config, ModelConfig
+from dsjax.hlo_launches import count_launches
 
 # bf16 dense peak TFLOP/s by device kind (vendors' datasheets, no sparsity); matched by substring
 PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -260,6 +261,8 @@ def run_case(
         "back_to_back_ms_per_step": back_to_back_ms,
         "peak_memory_gib": _gib(_peak_memory_bytes(device)),
         "compiled_memory_gib": _gib(_compiled_memory_bytes(compiled)),
+        # kernels (GPU) or thunks (CPU) one step launches, from the compiled program (dsjax.hlo_launches)
+        "launches_per_step": count_launches(compiled.as_text()).per_run,
         "loss": loss,
         "steps": steps,
         "warmup": warmup,

@@ -57,6 +57,7 @@ def test_bench_json_rows(tmp_path, capsys):
     assert row["batch_size"] == 2 and row["seq_len"] == 32
     assert row["tokens_per_sec"] > 0 and 0 < row["lower_sec"] < row["compile_sec"]
     assert row["back_to_back_ms_per_step"] > 0
+    assert row["launches_per_step"] > 10  # the step's thunks on XLA:CPU, from its compiled program
     assert row["flops_per_token"] == bench.train_flops_per_token(load_config("nano").model, 32)
     expected_mfu = row["flops_per_token"] * 64 / (row["step_ms_median"] / 1e3) / 1e12
     assert abs(row["mfu"] - expected_mfu) <= 1e-3 * expected_mfu + 1e-4

@@ -198,6 +198,37 @@ def test_weight_decay_skips_norms_and_biases():
     assert mask["layers"]["0"]["self_attn"]["kv_b_proj"]["kernel"] is True
 
 
+def test_global_norm_and_clipping_match_optax():
+    """One reduction over the joined leaves on one device, per leaf under a mesh: optax's value either way,
+    and the clip scales exactly as optax.clip_by_global_norm (optimizer state of the same structure)."""
+    import optax
+
+    from dsjax.train import distributed
+    from dsjax.train.optimizer import clip_by_global_norm, global_norm
+
+    config = load_config("nano")
+    params = model.abstract_params(config.model)
+    keys = iter(jax.random.split(jax.random.key(3), len(jax.tree.leaves(params))))
+    grads = jax.tree.map(lambda a: 0.02 * jax.random.normal(next(keys), a.shape, a.dtype), params)
+    want = float(optax.tree.norm(grads))
+    assert float(jax.jit(global_norm)(grads)) == pytest.approx(want, rel=1e-6)
+    joined = jax.jit(global_norm).lower(grads).as_text()
+    assert "concatenate" in joined  # the one-device path joins the leaves
+    meshed = dataclasses.replace(config, distributed=dataclasses.replace(config.distributed, dp_size=2, tp_size=2))
+    mesh, _ = distributed.setup_mesh(meshed, 4)
+    with jax.set_mesh(mesh):
+        split = jax.jit(global_norm).lower(grads)
+        assert "concatenate" not in split.as_text()  # leaves reduced where they lie
+        assert float(split.compile()(grads)) == pytest.approx(want, rel=1e-6)
+    for limit in (want / 3, want * 3):  # clipped, and left alone
+        ours, _ = jax.jit(clip_by_global_norm(limit).update)(grads, clip_by_global_norm(limit).init(params))
+        theirs, _ = optax.clip_by_global_norm(limit).update(grads, optax.clip_by_global_norm(limit).init(params))
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    assert jax.tree.structure(clip_by_global_norm(1.0).init(params)) == jax.tree.structure(
+        optax.clip_by_global_norm(1.0).init(params))  # checkpoints written before still restore
+
+
 def test_folded_accumulation_is_the_same_step():
     """training.accumulation=fold runs the A microbatches as one batch: same loss, metrics and gradient norm."""
     config = load_config("nano")

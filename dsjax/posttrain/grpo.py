@@ -39,7 +39,7 @@ from dsjax.config import Config, ModelConfig, TrainingConfig
 from dsjax.model.layers import rms_norm
 from dsjax.model.loss import default_chunk_tokens
 from dsjax.model.transformer import forward_hidden, head_kernel
-from dsjax.train.optimizer import lr_schedule, make_optimizer
+from dsjax.train.optimizer import global_norm, lr_schedule, make_optimizer
 from dsjax.train.step import TrainState, state_shardings_for
 from meshes.expert_parallel import with_scheme
 from meshes.mesh import BATCH_AXES
@@ -213,7 +213,7 @@ def make_grpo_step(
         (_, metrics), grads = grad_fn(state.params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["grad_norm"] = global_norm(grads)
         metrics["lr"] = schedule(state.step)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

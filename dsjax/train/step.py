@@ -15,7 +15,7 @@ from dsjax import model
 from dsjax.config import Config
 from dsjax.model.loss import chunked_head_nll
 from dsjax.model.transformer import forward_hidden, head_kernel
-from dsjax.train.optimizer import lr_schedule, make_optimizer
+from dsjax.train.optimizer import global_norm, lr_schedule, make_optimizer
 from meshes import pipeline, rules
 from meshes.expert_parallel import with_scheme
 from meshes.mesh import BATCH_AXES, MeshShape, resolve_microbatches
@@ -208,7 +208,7 @@ def make_train_step(config: Config, moe_impl: str = "auto", mesh=None, objective
         params = model.apply_bias_updates(params, load, c)
         if load.shape[0]:
             metrics["expert_imbalance"] = jnp.mean(jnp.max(load, axis=-1) / jnp.mean(load, axis=-1))
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["grad_norm"] = global_norm(grads)
         metrics["lr"] = schedule(state.step)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

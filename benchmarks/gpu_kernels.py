@@ -1,0 +1,147 @@
+"""Kernels per train step on an NVIDIA H100 or H200, counted on a machine without a GPU.
+
+XLA compiles the step for a GPU target described by its device facts (JAX's deviceless
+compilation: `jax.experimental.topologies.get_topology_desc`, no driver, no device), and
+`dsjax.hlo_launches` counts the launches in the optimized program. The model makes its
+choices as on a GPU (bf16 compute unless the config says otherwise, the kernels asked
+for, head chunks sized for an accelerator). Nothing runs: counts, not times.
+
+    UV_PROJECT_ENVIRONMENT=.venv-cuda uv sync --frozen --extra cuda    # once: JAX's CUDA plugin, its own environment
+    .venv-cuda/bin/python benchmarks/gpu_kernels.py --model-size tiny --shape 4x4x256 --accumulation scan,fold
+    .venv-cuda/bin/python benchmarks/gpu_kernels.py --model-size small --shape 32x1x512 --top 25
+
+Against the H200's profile (BENCHMARKS.md, run 3): `tiny` at 4 x 4 x 256 measured 2,717
+GPU events per step where this counts 2,562 for the same code (`83af0f7`); at 16 x 1 x 256,
+783 against 741. The counts run about 5% under the profile's (memsets and copies the
+runtime adds are not in the program), so they predict how many kernels a change
+removes, not their time.
+Without a device XLA cannot autotune: GEMMs keep a default Triton tiling, which can
+differ from what the GPU picks by a kernel per GEMM (`--xla_gpu_enable_triton_gemm=false`
+in XLA_FLAGS makes every GEMM one cuBLAS call instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the compile-only GPU devices need no CUDA client
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from dsjax.hlo_launches import count_launches  # noqa: E402
+
+# public device facts XLA's GPU compiler reads (stream_executor GpuDeviceInfoProto); both Hopper, sm_90
+HOPPER = {
+    "threads_per_block_limit": 1024, "threads_per_warp": 32, "shared_memory_per_block": 49152,
+    "shared_memory_per_core": 233472, "shared_memory_per_block_optin": 232448, "threads_per_core_limit": 2048,
+    "core_count": 132, "fpus_per_core": 128, "block_dim_limit_x": 2147483647, "block_dim_limit_y": 65535,
+    "block_dim_limit_z": 65535, "l2_cache_size": 52428800, "clock_rate_ghz": 1.98,
+    "registers_per_core_limit": 65536, "registers_per_block_limit": 65536,
+}
+TARGETS = {
+    "h100": ("NVIDIA H100 80GB HBM3", {**HOPPER, "memory_bandwidth": 3352320000000, "device_memory_size": 84942979072}),
+    "h200": ("NVIDIA H200", {**HOPPER, "memory_bandwidth": 4800000000000, "device_memory_size": 151397597184}),
+}
+
+
+def target_config(target: str) -> str:
+    """The GpuTargetConfigProto, in text format, of one of TARGETS."""
+    name, facts = TARGETS[target]
+    lines = "\n".join(f"  {k}: {v}" for k, v in facts.items())
+    return (
+        f"gpu_device_info {{\n{lines}\n  cuda_compute_capability {{ major: 9 minor: 0 }}\n}}\n"
+        f'platform_name: "CUDA"\ndnn_version_info {{ major: 9 minor: 10 patch: 0 }}\ndevice_description_str: "{name}"\n'
+    )
+
+
+def gpu_device(target: str):
+    """A compile-only GPU device of `target`."""
+    from jax.experimental import topologies
+
+    return topologies.get_topology_desc(platform="cuda", target_config=target_config(target), topology="1x1x1").devices[0]
+
+
+def step_hlo(config, device, accumulation: str) -> tuple[str, str, float]:
+    """(optimized HLO, accumulation used, compile seconds) of the train step compiled for `device`."""
+    import dataclasses
+
+    from dsjax.train import step as train_step
+
+    t = config.training
+    if accumulation == "auto":  # as `resolve_accumulation` decides on that device
+        fits = train_step.fold_fits(config, 1, TARGETS_MEMORY[device.device_kind])
+        accumulation = "fold" if t.gradient_accumulation_steps > 1 and fits else "scan"
+    config = dataclasses.replace(config, training=dataclasses.replace(t, accumulation=accumulation))
+    placed = jax.sharding.SingleDeviceSharding(device)
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placed), train_step.abstract_state(config))
+    batch = jax.ShapeDtypeStruct((t.gradient_accumulation_steps, t.batch_size, t.seq_len + 1), jnp.int32, sharding=placed)
+    step = train_step.make_train_step(config, moe_impl=config.model.moe_impl)
+    started = time.perf_counter()
+    hlo = step.lower(state, batch).compile().as_text()
+    return hlo, step.accumulation, time.perf_counter() - started
+
+
+TARGETS_MEMORY = {name: facts["device_memory_size"] for name, facts in TARGETS.values()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", choices=sorted(TARGETS), default="h200")
+    p.add_argument("--model-size", default="tiny")
+    p.add_argument("--config", metavar="FILE", help="JSON config layered over the size preset, as `dsjax run --config`")
+    p.add_argument("--shape", default="4x4x256", help="batch x accumulation x seq_len, comma list (default 4x4x256)")
+    p.add_argument("--accumulation", default="auto", help="auto, scan, fold or a comma list")
+    p.add_argument("--moe", default="pallas", help="the MoE path (default pallas, as run 3 measured)")
+    p.add_argument("--attention", default="cudnn", help="the attention path (default cudnn)")
+    p.add_argument("--top", type=int, default=0, help="also list the N JAX ops that make the most kernels")
+    p.add_argument("--json", action="store_true", help="one JSON object per case")
+    args = p.parse_args(argv)
+
+    import jax_cuda12_plugin  # noqa: F401 - the GPU compiler; a clear error below when it is missing
+
+    from dsjax.config import load_config
+
+    jax.default_backend = lambda: "gpu"  # the model's GPU choices (dtype, kernels, chunks): the compile targets one
+    device = gpu_device(args.target)
+    for shape in args.shape.split(","):
+        B, A, T = (int(x) for x in shape.split("x"))
+        for accumulation in args.accumulation.split(","):
+            training = {"batch_size": B, "gradient_accumulation_steps": A, "seq_len": T}
+            model = {"moe_impl": args.moe, "attention_impl": args.attention}
+            config = load_config(args.model_size, args.config, overrides={"model": model, "training": training})
+            hlo, used, seconds = step_hlo(config, device, accumulation)
+            launches = count_launches(hlo)
+            row = {
+                "target": device.device_kind, "model": args.model_size, "shape": shape, "accumulation": used,
+                "moe": args.moe, "attention": args.attention, "kernels_per_step": launches.per_run,
+                "kernels_in_program": launches.static, "loops_of_unknown_length": launches.unknown_trip_loops,
+                "compile_sec": round(seconds, 1), "by_kind": dict(launches.by_kind.most_common()),
+                "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            }
+            if args.json:
+                print(json.dumps(row))
+            else:
+                print(f"{args.model_size} {shape} {used}, moe={args.moe} attn={args.attention} on {device.device_kind}: "
+                      f"{launches.per_run:,} kernels per step ({launches.static:,} in the program; compiled in {seconds:.1f} s)")
+                for kind, n in launches.by_kind.most_common():
+                    print(f"    {n:6,}  {kind}")
+            for op, n in launches.top_ops(args.top) if args.top else ():
+                print(f"    {n:6,}  {op}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ModuleNotFoundError as err:
+        if err.name != "jax_cuda12_plugin":
+            raise
+        sys.exit("benchmarks/gpu_kernels.py needs JAX's CUDA plugin (no GPU needed): "
+                 "UV_PROJECT_ENVIRONMENT=.venv-cuda uv sync --frozen --extra cuda, then run it with .venv-cuda/bin/python")

@@ -1,0 +1,77 @@
+"""Counting a compiled program's launches from its HLO (`dsjax.hlo_launches`; benchmarks/gpu_kernels.py, bench)."""
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.hlo_launches import count_launches
+
+# an optimized XLA:GPU module in the form `compiled.as_text()` prints (abridged by hand): a loop of
+# known trip count 3 around a GEMM and a cuDNN call, a fusion and a copy outside it
+GPU_MODULE = """HloModule jit_step, is_scheduled=true
+
+%fused_add (p0: f32[8]) -> f32[8] {
+  %p0 = f32[8]{0} parameter(0)
+  ROOT %add = f32[8]{0} add(%p0, %p0)
+}
+
+%body (arg: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %arg = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %x = f32[8]{0} get-tuple-element(%arg), index=1
+  %gemm = f32[8]{0} fusion(%x), kind=kCustom, calls=%fused_add, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}, metadata={op_name="jit(step)/while/body/jvp()/dot_general"}
+  %attn = f32[8]{0} custom-call(%gemm), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/while/body/jvp()/dot_product_attention_fwd"}
+  %next = s32[] fusion(%i), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/while/body/add"}
+  ROOT %out = (s32[], f32[8]{0}) tuple(%next, %attn)
+}
+
+%cond (arg: (s32[], f32[8])) -> pred[] {
+  %arg = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  ROOT %lt = pred[] fusion(%i), kind=kLoop, calls=%fused_add
+}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  %zero = s32[] constant(0)
+  %start = (s32[], f32[8]{0}) tuple(%zero, %x)
+  %loop = (s32[], f32[8]{0}) while(%start), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %y = f32[8]{0} get-tuple-element(%loop), index=1
+  %z = f32[8]{0} fusion(%y), kind=kInput, calls=%fused_add, metadata={op_name="jit(step)/reduce_sum"}
+  ROOT %c = f32[8]{0} copy(%z)
+}
+"""
+
+
+def test_a_gpu_module_by_hand():
+    launches = count_launches(GPU_MODULE)
+    assert launches.static == 6  # 3 in the body, 1 in the condition, 2 outside; parameters and tuples launch nothing
+    assert launches.per_run == 3 * 3 + 4 * 1 + 2  # the body 3 times, the condition before each trip and once more
+    assert launches.unknown_trip_loops == 0
+    assert launches.by_kind == {
+        "fusion:kCustom:__triton_nested_gemm_fusion": 3, "custom-call:__cudnn$fmhaSoftmax": 3,
+        "fusion:kLoop": 3 + 4, "fusion:kInput": 1, "op:copy": 1,
+    }
+    assert launches.by_op["jvp()/dot_general"] == 3 and launches.by_op["reduce_sum"] == 1
+
+
+def test_a_scan_compiled_here_counts_its_body_per_trip():
+    """On XLA:CPU's real output: a longer scan adds its body's launches per extra trip, the program stays the same."""
+
+    def program(length):
+        def f(x):
+            y, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ c) + 1.0, None), x, None, length=length)
+            return jnp.sum(y)
+
+        return count_launches(jax.jit(f).lower(jnp.ones((16, 16))).compile().as_text())
+
+    three, seven = program(3), program(7)
+    assert three.static == seven.static and three.unknown_trip_loops == seven.unknown_trip_loops == 0
+    per_trip = (seven.per_run - three.per_run) / 4
+    assert per_trip >= 1 and per_trip == int(per_trip)
+    assert three.per_run == seven.per_run - 4 * per_trip > 3 * per_trip  # plus what runs outside the loop
+
+    def data_dependent(x):  # a while loop whose length XLA cannot know
+        return jax.lax.while_loop(lambda c: jnp.sum(c) < 100.0, lambda c: c * 2.0 + 1.0, x)
+
+    unknown = count_launches(jax.jit(data_dependent).lower(jnp.ones((4,))).compile().as_text())
+    assert unknown.unknown_trip_loops == 1 and unknown.per_run == unknown.static
