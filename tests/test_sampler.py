@@ -52,3 +52,22 @@ def test_eos_and_cache_end_stop_each_row(nano):
     long_prompt = list(range(1, 60))
     s_long = SamplingConfig(max_new_tokens=20, temperature=0.0)
     assert sample_batch(params, c, [long_prompt], s_long) == [list(generate_tokens(params, c, long_prompt, s_long))]
+
+
+def test_rows_split_over_devices_give_the_same_tokens(nano):
+    """`rows` splits the batch over 4 devices: each decodes its own rows (the state stays split), same tokens."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    from dsjax.infer import sampler
+
+    c, params = nano
+    s = SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=50, seed=2)
+    prompts = [PROMPT_A, PROMPT_B, PROMPT_A, PROMPT_B, PROMPT_B, PROMPT_A, PROMPT_A, PROMPT_B]
+    mesh = jax.make_mesh((4,), ("dp",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])  # as meshes/ builds
+    rows = NamedSharding(mesh, PartitionSpec("dp"))
+    assert sample_batch(params, c, prompts, s, rows=rows) == sample_batch(params, c, prompts, s)
+    prefill, decode_chunk = sampler._programs(c, s, (), 17, 4, False, rows)
+    inputs = jax.device_put((jax.numpy.zeros((8, 7), "int32"), jax.numpy.full((8,), 5, "int32"),
+                             jax.numpy.stack([jax.random.key_data(jax.random.key(r)) for r in range(8)])), rows)
+    state = decode_chunk(params, prefill(params, *inputs, 5), inputs[0], inputs[1])
+    assert state.out_BN.sharding.spec[0] == "dp" and len(state.out_BN.sharding.device_set) == 4

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax import model
 from dsjax.config import ModelConfig
@@ -91,9 +92,27 @@ def _record(state: DecodeState, token_B, forced_B, stop_ids: tuple[int, ...], ke
 _decode_layouts = jax.jit(model.with_decode_layouts, static_argnums=1)
 
 
+def _pinned(state: DecodeState, rows) -> DecodeState:
+    """The state's per-row arrays held in `rows`' layout (rows split over its axes), so each device keeps its rows'
+    cache, keys and tokens through the loop; without it XLA may gather the state onto every device."""
+    if rows is None:
+        return state
+    axis = rows.spec[0]
+
+    def pin(x):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(rows.mesh, PartitionSpec(axis, *[None] * (x.ndim - 1))))
+
+    position = state.position
+    return jax.tree.map(pin, state._replace(position=None))._replace(position=position)
+
+
 @functools.lru_cache(maxsize=16)
-def _programs(c: ModelConfig, s: SamplingConfig, stop_ids: tuple[int, ...], max_len: int, chunk: int, keep_stop: bool = False):
-    """(prefill, decode_chunk) compiled for one config, sampling setting, cache length and chunk size."""
+def _programs(
+    c: ModelConfig, s: SamplingConfig, stop_ids: tuple[int, ...], max_len: int, chunk: int, keep_stop: bool = False,
+    rows=None,
+):
+    """(prefill, decode_chunk) compiled for one config, sampling setting, cache length and chunk size
+    (and the rows' layout over devices, `sample_chunks`)."""
 
     @functools.partial(jax.jit, static_argnums=(4,))
     def prefill(params, prompts_BP, prompt_len_B, key_data_B, prefix_len: int):
@@ -113,7 +132,7 @@ def _programs(c: ModelConfig, s: SamplingConfig, stop_ids: tuple[int, ...], max_
         token_B, forced_B, key_data_B = _next_tokens(
             logits_BTV[:, -1], state.position, prompts_BP, prompt_len_B, key_data_B, s
         )
-        return _record(state._replace(key_data_B=key_data_B), token_B, forced_B, stop_ids, keep_stop, max_len)
+        return _pinned(_record(state._replace(key_data_B=key_data_B), token_B, forced_B, stop_ids, keep_stop, max_len), rows)
 
     @jax.jit
     def decode_chunk(params, state: DecodeState, prompts_BP, prompt_len_B):
@@ -128,7 +147,7 @@ def _programs(c: ModelConfig, s: SamplingConfig, stop_ids: tuple[int, ...], max_
                 logits_BTV[:, -1], st.position, prompts_BP, prompt_len_B, st.key_data_B, s
             )
             st = st._replace(cache=cache, key_data_B=key_data_B)
-            return i + 1, _record(st, token_B, forced_B, stop_ids, keep_stop, max_len)
+            return i + 1, _pinned(_record(st, token_B, forced_B, stop_ids, keep_stop, max_len), rows)
 
         _, state = jax.lax.while_loop(running, body, (jnp.int32(0), state))
         return state
@@ -152,11 +171,13 @@ def _stop_ids(eos_id) -> tuple[int, ...]:
 def sample_chunks(
     params, c: ModelConfig, prompts: list[list[int]], s: SamplingConfig, eos_id: int | tuple[int, ...] | None = None,
     chunk: int = 32, seeds: list[int] | None = None, keep_stop: bool = False,
-    prefill_len: int | None = None, cache_len: int | None = None,
+    prefill_len: int | None = None, cache_len: int | None = None, rows=None,
 ):
     """Yields, after each compiled chunk, the [B, max_new_tokens] tokens so far (-1 = none yet) and counts.
 
     Stops when every row is done. Row r samples with seeds[r], by default s.seed + r.
+    `rows`: a sharding that splits the prompts' rows over devices (e.g. a mesh's data-parallel
+    axes); each device then decodes its own rows, with the same tokens as unsplit.
     """
     s.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -182,8 +203,12 @@ def sample_chunks(
         raise SamplingError(f"{len(seeds)} seeds for {B} prompts")
     key_data_B = jnp.stack([jax.random.key_data(jax.random.key(seed)) for seed in seeds])
     # the programs do not depend on the seed (keys are inputs): one compile serves every seed
-    prefill, decode_chunk = _programs(c, dataclasses.replace(s, seed=0), _stop_ids(eos_id), max_len, chunk, keep_stop)
+    prefill, decode_chunk = _programs(
+        c, dataclasses.replace(s, seed=0), _stop_ids(eos_id), max_len, chunk, keep_stop, rows
+    )
     prompts_BP = jnp.asarray(prompts_BP)
+    if rows is not None:  # the programs follow their inputs' layout: each row's cache and state stay on its device
+        prompts_BP, prompt_len_B, key_data_B = jax.device_put((prompts_BP, prompt_len_B, key_data_B), rows)
     state = prefill(params, prompts_BP, prompt_len_B, key_data_B, prefix_len)
     decode_params = _decode_layouts(params, c)  # once per call here, not per chunk or token
     while True:
@@ -197,14 +222,17 @@ def sample_chunks(
 def sample_batch(
     params, c: ModelConfig, prompts: list[list[int]], s: SamplingConfig, eos_id: int | tuple[int, ...] | None = None,
     chunk: int = 1 << 20, seeds: list[int] | None = None, keep_stop: bool = False,
-    prefill_len: int | None = None, cache_len: int | None = None,
+    prefill_len: int | None = None, cache_len: int | None = None, rows=None,
 ) -> list[list[int]]:
     """New tokens for each prompt, decoded on device in as few calls as `chunk` allows.
 
     The stop token (EOS, or any of a tuple of stop ids) is not included unless `keep_stop`.
+    `rows` splits the rows over devices (`sample_chunks`).
     """
     out, counts = None, None
-    for out, counts in sample_chunks(params, c, prompts, s, eos_id, chunk, seeds, keep_stop, prefill_len, cache_len):
+    for out, counts in sample_chunks(
+        params, c, prompts, s, eos_id, chunk, seeds, keep_stop, prefill_len, cache_len, rows
+    ):
         pass
     return [list(map(int, out[r, : counts[r]])) for r in range(len(prompts))]
 

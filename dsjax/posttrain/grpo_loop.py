@@ -18,7 +18,8 @@ step and on SIGTERM/Ctrl-C) and `final/`.
 Meshes: dp, tp, ep and sp, as pretraining lays them out (`--gpus`, `--dp-size`, ...). The
 state keeps pretraining's layout, each step's batch is split over dp x ep, and the
 log-probs and the update run under the mesh; sampling runs on the same laid-out weights,
-its rows whole on every device. Not pipeline stages, and one process (`check_grpo_mesh`).
+its rows split over dp x ep too where they divide (`sampling_rows`). Not pipeline
+stages, and one process (`check_grpo_mesh`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from dsjax.train.optimizer import make_optimizer
 from dsjax.train.runs import RunPaths
 from dsjax.train.signals import GracefulStop, StopRequested
 from dsjax.train.step import TrainState, state_shardings_for
-from meshes.mesh import MeshError, MeshShape
+from meshes.mesh import BATCH_AXES, MeshError, MeshShape
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,14 @@ def check_grpo_mesh(config: Config, shape: MeshShape | None = None, processes: i
             f"{g.prompts_per_step * g.group_size} rows do not split over the data-parallel size dp*ep="
             f"{shape.dp}*{shape.ep}={shape.data_parallel}; change grpo.prompts_per_step or --group-size"
         )
+
+
+def sampling_rows(mesh, shape: MeshShape, count: int):
+    """How `count` sampled rows lie on the mesh: split over dp x ep when they divide (each device decodes
+    its own rows; the same tokens either way, since each row has its own seed), else whole on every device."""
+    if mesh is None or shape.data_parallel == 1 or count % shape.data_parallel:
+        return None
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXES))
 
 
 def grpo_training_config(config: Config):
@@ -210,6 +219,8 @@ def _run(config: Config, run_name: str, start_final: Path, resume: bool, paths: 
     step_fn = objective.make_grpo_step(c, objective.ObjectiveSpec.from_config(g), tcfg, mesh=mesh, ep_dispatch=ep_dispatch)
     logprobs = objective.make_logprobs(c, mesh=mesh, ep_dispatch=ep_dispatch)
     place = (lambda b: b) if mesh is None else (lambda b: jax.device_put(b, objective.batch_shardings(b, mesh)))  # noqa: E731
+    step_rows = sampling_rows(mesh, shape, P * G)
+    eval_rows = sampling_rows(mesh, shape, len(eval_set))
     scale = g.loss_aggregation != "dr_grpo"  # Dr. GRPO drops the std division
     eval_seeds = row_seeds(t.seed, EVAL_STREAM, len(eval_set))
     run_start = time.perf_counter()
@@ -228,7 +239,8 @@ def _run(config: Config, run_name: str, start_final: Path, resume: bool, paths: 
 
     def evaluate_now(step: int) -> dict:
         completions = rollouts(
-            state.params, c, tokenizer, eval_set, eval_ids, spec, N, g.temperature, eval_seeds, chat, shortest, length
+            state.params, c, tokenizer, eval_set, eval_ids, spec, N, g.temperature, eval_seeds, chat, shortest, length,
+            eval_rows,
         )
         with open(samples_path, "a") as f:
             for ins, comp in zip(eval_set[: g.samples_per_eval], completions):
@@ -247,7 +259,7 @@ def _run(config: Config, run_name: str, start_final: Path, resume: bool, paths: 
             started = time.perf_counter()
             completions = rollouts(
                 state.params, c, tokenizer, instructions, prompts, spec, N, g.temperature,
-                row_seeds(t.seed, step, P * G), chat, shortest, length,
+                row_seeds(t.seed, step, P * G), chat, shortest, length, step_rows,
             )
             sample_sec = time.perf_counter() - started
             rewards = np.asarray([comp.terms["reward"] for comp in completions], np.float32).reshape(P, G)

@@ -47,18 +47,19 @@ def encode_prompts(tokenizer: Tokenizer, instructions: list[Instruction], chat: 
 def rollouts(
     params, c: ModelConfig, tokenizer: Tokenizer, instructions: list[Instruction], prompts: list[list[int]],
     spec: RewardSpec, max_new_tokens: int, temperature: float, seeds: list[int], chat: ChatTokens | None = None,
-    prefill_len: int | None = None, cache_len: int | None = None,
+    prefill_len: int | None = None, cache_len: int | None = None, rows=None,
 ) -> list[Completion]:
     """One completion per (instruction, prompt ids, seed) row, in order.
 
-    `prefill_len` and `cache_len` fix the sampler's compiled shapes across batches (see dsjax.infer.sampler).
+    `prefill_len` and `cache_len` fix the sampler's compiled shapes across batches (see dsjax.infer.sampler);
+    `rows` splits the rows over devices.
     """
     chat = chat or ChatTokens(tokenizer)
     stops = (chat.end, chat.eos)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     outs = sample_batch(
         params, c, prompts, sampling, eos_id=stops, seeds=seeds, keep_stop=True, prefill_len=prefill_len,
-        cache_len=cache_len,
+        cache_len=cache_len, rows=rows,
     )
     completions = []
     for ins, ids in zip(instructions, outs):
