@@ -117,11 +117,9 @@ def _fetch(plan: plans.Plan, modal_app, sync) -> None:
     from dsjax.train import runs
 
     by_name = {name: modal_app.volumes[mount] for name, mount, _ in plans.VOLUMES}
-    if not plan.resume:  # this launch started the run afresh: a local copy of an older one is kept aside
-        names = {runs.run_name_of(local) for _, _, local in plan.downloads()}
-        local = [d / n for n in sorted(names) for d in (plan.checkpoint_dir, plan.output_dir) if (d / n).exists()]
-        for old, new in runs.move_aside(local):
-            _say(f"moved the local {old} aside to {new}")
+    # this launch started the run afresh: a local copy of an older one is kept aside (the dry run lists them)
+    for old, new in runs.move_aside(plan.local_to_move()):
+        _say(f"moved the local {old} aside to {new}")
     for volume, prefix, local in plan.downloads():
         local.parent.mkdir(parents=True, exist_ok=True)
         got = sync.download_folder(sync.ModalVolume(by_name[volume]), prefix, local)

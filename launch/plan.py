@@ -194,6 +194,15 @@ class Plan:
             )
         ]
 
+    def local_to_move(self) -> list[Path]:
+        """Local folders of the runs the download writes, which a fresh (not --resume) launch moves aside first."""
+        if self.resume or self.detach:
+            return []
+        from dsjax.train.runs import run_name_of
+
+        names = {run_name_of(local) for _, _, local in self.downloads()}
+        return [d / n for n in sorted(names) for d in (self.checkpoint_dir, self.output_dir) if (d / n).exists()]
+
     def remote_command(self) -> list[str]:
         config = "<--config file, sent with the call>" if self.config_json is not None else None
         argv = ["dsjax", *command(self.flags, MODAL_MOUNTS, config)]
@@ -342,6 +351,8 @@ def format_plan(plan: Plan) -> str:
     else:
         lines.append("  download  " + ("\n            ".join(
             f"{vol}:{prefix}/ -> {local}/" for vol, prefix, local in plan.downloads()) or "nothing (no training or export stage)"))
+        for old in plan.local_to_move():
+            lines.append(f"  keep      {old}/ is from an earlier run: moved aside (renamed, not deleted) before the download")
     lines.append(f"  cost      {cost}")
     if plan.nodes > 1:
         lines.append("  note      multi-node has not run on Modal yet; checkpoints from several containers are untested (BUILD.md)")

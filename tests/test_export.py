@@ -263,6 +263,22 @@ def test_round_trip_through_hf(name, finals, logits_fn, tmp_path):
     np.testing.assert_array_equal(logits_fn(params, c), logits_fn(params_back, c))
 
 
+def test_a_post_trained_stage_survives_export_and_import(tokenizer, tmp_path):
+    """An SFT final exported to HF or GGUF and imported back still says it was post-trained (generate --chat's notes)."""
+    from dsjax.train.checkpoint import read_json_item
+
+    c = CONFIGS["base"]
+    final = save_final(tmp_path / "run-sft", perturbed_params(c, 0), Config(model=c, training=TrainingConfig(seq_len=32)),
+                       {"step": 5, "stage": "sft"}, tokenizer.path)
+    folder, _ = export_checkpoint(final, "hf", tmp_path / "hf", "f32")
+    assert json.loads((folder / "config.json").read_text())["dsjax_stage"] == "sft"
+    gguf_file, _ = export_checkpoint(final, "gguf", tmp_path / "m.gguf", "f32")
+    assert gguf.GGUFReader(gguf_file).fields["dsjax.stage"].contents() == "sft"
+    for source, fmt in ((folder, "hf"), (gguf_file, "gguf")):
+        back = import_checkpoint(source, tmp_path / f"back-{fmt}", fmt)
+        assert read_json_item(back, "training_state")["stage"] == "sft", fmt
+
+
 def test_hf_folder_is_the_hubs_layout(finals, tmp_path):
     c = CONFIGS["base"]
     folder, _ = export_checkpoint(finals["base"], "hf", tmp_path / "hf", "bf16")

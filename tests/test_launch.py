@@ -9,6 +9,7 @@ import csv
 import json
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +57,11 @@ def test_dry_run_names_gpu_volumes_mesh_and_command(local_dirs, no_cloud, capsys
                         ("--checkpoint-dir", "/checkpoints"), ("--output-dir", "/outputs"), ("--run-name", "nano")]:
         assert command[command.index(flag) + 1] == value, flag
     assert "$11.85/hour" in out  # 3 x the H100 list price in the documented table
+    assert "keep " not in out  # nothing local of this run yet
+    checkpoints = local_dirs[local_dirs.index("--checkpoint-dir") + 1]
+    (Path(checkpoints) / "nano").mkdir(parents=True)  # an older local run of this name: the download keeps it aside
+    assert modal_h100.main(["--gpus", "1", *map(str, local_dirs), "--dry-run"]) == 0
+    assert f"keep      {Path(checkpoints) / 'nano'}/ is from an earlier run: moved aside" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -48,13 +48,15 @@ def export_checkpoint(final_dir: Path, fmt: str, out: Path, dtype: str = "f32") 
 
     Returns (out, warnings); warnings are also logged. Raises ExportError or CheckpointError.
     """
-    from dsjax.train.checkpoint import load_final, read_final_config
+    from dsjax.train.checkpoint import load_final, read_final_config, read_json_item
     from dsjax.train.runs import run_name_of
 
     final_dir, out = Path(final_dir), Path(out)
     check_export(fmt, out, dtype)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)  # e.g. exports/<run>/ (never out itself)
     config = read_final_config(final_dir)  # a clear error for a wrong folder, before any array is read
+    # which stage made it (sft/grpo: the chat template), kept so an import back knows (`generate --chat` notes)
+    stage = (read_json_item(final_dir, "training_state") or {}).get("stage")
     warnings: list[str] = []
     if fmt == "gguf":
         from dsjax.export.gguf_write import check_model, write_gguf
@@ -62,12 +64,12 @@ def export_checkpoint(final_dir: Path, fmt: str, out: Path, dtype: str = "f32") 
         check_model(config.model)
         params, config, tokenizer = load_final(final_dir)
         # general.name: the run, as llama.cpp's converter names a model by its folder
-        write_gguf(params, config.model, tokenizer, out, dtype, name=run_name_of(final_dir))
+        write_gguf(params, config.model, tokenizer, out, dtype, name=run_name_of(final_dir), stage=stage)
     else:
         from dsjax.export.hf_write import write_hf
 
         params, config, tokenizer = load_final(final_dir)
-        warnings = write_hf(params, config.model, tokenizer, out, dtype)
+        warnings = write_hf(params, config.model, tokenizer, out, dtype, stage=stage)
     for note in warnings:
         log.warning("%s", note)
     return out, warnings

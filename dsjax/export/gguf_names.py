@@ -22,6 +22,9 @@ import numpy as np
 
 from dsjax.config import ModelConfig
 
+# the dsjax stage that trained an export (sft/grpo: answers in the chat template); llama.cpp ignores the key
+GGUF_STAGE_KEY = "dsjax.stage"
+
 _ATTN = {
     "q_proj": "attn_q",
     "q_a_proj": "attn_q_a",

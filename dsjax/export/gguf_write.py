@@ -27,7 +27,7 @@ import numpy as np
 
 from dsjax.config import ModelConfig
 from dsjax.export.errors import ExportError
-from dsjax.export.gguf_names import hf_to_gguf
+from dsjax.export.gguf_names import GGUF_STAGE_KEY, hf_to_gguf
 from dsjax.export.hf_config import DEFAULT_TEMPERATURE
 from dsjax.export.hf_names import to_hf
 from dsjax.export.spm_vocab import read_spm
@@ -163,8 +163,15 @@ def _encode(array: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     return gguf.quants.quantize(array, qtype)
 
 
-def write_gguf(params, c: ModelConfig, tokenizer_path: Path, out: Path, dtype: str = "f32", name: str = "dsjax") -> Path:
-    """Write `out` (via a temporary file renamed into place, so a failure leaves no partial file)."""
+def write_gguf(
+    params, c: ModelConfig, tokenizer_path: Path, out: Path, dtype: str = "f32", name: str = "dsjax",
+    stage: str | None = None,
+) -> Path:
+    """Write `out` (via a temporary file renamed into place, so a failure leaves no partial file).
+
+    `stage` (the dsjax stage that trained it) is kept as the `dsjax.stage` string, a key
+    llama.cpp ignores; `dsjax import` reads it back.
+    """
     if dtype not in QTYPES:
         raise ExportError(f"--dtype {dtype!r} is not a GGUF type here; choose one of {', '.join(QTYPES)}")
     check_model(c)
@@ -180,6 +187,8 @@ def write_gguf(params, c: ModelConfig, tokenizer_path: Path, out: Path, dtype: s
         w.add_type(gguf.GGUFType.MODEL)
         w.add_sampling_temp(DEFAULT_TEMPERATURE)  # what the converter copies from generation_config.json
         w.add_name(name)
+        if stage:
+            w.add_string(GGUF_STAGE_KEY, stage)
         total, shared, expert, count = w.get_total_parameter_count()
         if total > 0:
             w.add_size_label(gguf.size_label(total, shared, expert, count))

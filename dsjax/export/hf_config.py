@@ -19,6 +19,8 @@ HF_LATENT_NORM_EPS = 1e-6
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 3
 # `dsjax generate`'s default (SamplingConfig.temperature): generation_config.json and GGUF's general.sampling.temp
 DEFAULT_TEMPERATURE = 0.8
+# the dsjax stage that trained an export (sft/grpo: answers in the chat template), in config.json
+STAGE_KEY = "dsjax_stage"
 
 
 def hf_config(

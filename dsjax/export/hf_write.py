@@ -23,7 +23,7 @@ import numpy as np
 from dsjax.config import ModelConfig
 from dsjax.export import safetensors_io
 from dsjax.export.errors import ExportError
-from dsjax.export.hf_config import DEFAULT_TEMPERATURE, hf_config, hf_warnings
+from dsjax.export.hf_config import DEFAULT_TEMPERATURE, STAGE_KEY, hf_config, hf_warnings
 from dsjax.export.hf_names import to_hf
 from dsjax.export.spm_vocab import read_spm
 
@@ -70,8 +70,14 @@ def _special_ids(tokenizer_path: Path) -> tuple[int, int, int]:
     return vocab.bos_id, vocab.eos_id, (vocab.pad_id if vocab.pad_id >= 0 else None)
 
 
-def write_hf(params, c: ModelConfig, tokenizer_path: Path, out: Path, dtype: str = "f32") -> list[str]:
-    """Write the folder `out`; returns the warnings (also worth showing the user)."""
+def write_hf(
+    params, c: ModelConfig, tokenizer_path: Path, out: Path, dtype: str = "f32", stage: str | None = None
+) -> list[str]:
+    """Write the folder `out`; returns the warnings (also worth showing the user).
+
+    `stage` (the dsjax stage that trained it) goes in config.json as `dsjax_stage`, a key
+    transformers keeps as an attribute and otherwise ignores; `dsjax import` reads it back.
+    """
     if dtype not in HF_DTYPES:
         raise ExportError(f"--dtype {dtype!r} cannot be written for --format hf; choose one of {', '.join(HF_DTYPES)}")
     np_dtype, torch_name = HF_DTYPES[dtype]
@@ -86,7 +92,10 @@ def write_hf(params, c: ModelConfig, tokenizer_path: Path, out: Path, dtype: str
         }
         safetensors_io.save(tensors, tmp / "model.safetensors", {"format": "pt"})
         bos, eos, pad = _special_ids(tokenizer_path)
-        (tmp / "config.json").write_text(json.dumps(hf_config(c, torch_name, (bos, eos, pad)), indent=2) + "\n")
+        config = hf_config(c, torch_name, (bos, eos, pad))
+        if stage:
+            config[STAGE_KEY] = stage
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {
             "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": True,
             "temperature": DEFAULT_TEMPERATURE,

@@ -20,16 +20,19 @@ import numpy as np
 from dsjax.config import Config, YarnConfig, config_from_dict
 from dsjax.export import safetensors_io
 from dsjax.export.errors import ExportError
-from dsjax.export.gguf_names import gguf_to_hf
-from dsjax.export.hf_config import config_from_hf
+from dsjax.export.gguf_names import GGUF_STAGE_KEY, gguf_to_hf
+from dsjax.export.hf_config import STAGE_KEY, config_from_hf
 from dsjax.export.hf_names import from_hf
 from dsjax.export.spm_vocab import SpmVocab, write_spm
 
 log = logging.getLogger(__name__)
 
 
-def save_as_final(params, config: Config, tokenizer_path: Path, out: Path, source: str) -> Path:
-    """Write a final/ folder at `out` (any name) through checkpoint.save_final, swapped in when complete."""
+def save_as_final(params, config: Config, tokenizer_path: Path, out: Path, source: str, stage: str | None = None) -> Path:
+    """Write a final/ folder at `out` (any name) through checkpoint.save_final, swapped in when complete.
+
+    `stage`: the dsjax stage the export came from (sft/grpo models answer in the chat template), when it said.
+    """
     from dsjax.data.tokenizer import Tokenizer
     from dsjax.train.checkpoint import save_final
 
@@ -43,7 +46,8 @@ def save_as_final(params, config: Config, tokenizer_path: Path, out: Path, sourc
     staging = out.with_name(f".{out.name}.import-tmp")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        written = save_final(staging, params, config, {"step": 0, "imported_from": source}, tokenizer_path)
+        state = {"step": 0, "imported_from": source, **({"stage": stage} if isinstance(stage, str) and stage else {})}
+        written = save_final(staging, params, config, state, tokenizer_path)
         written.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -102,7 +106,7 @@ def import_hf(folder: Path, out: Path) -> Path:
         raise ExportError(str(err)) from None
     if unused:
         log.warning("%d tensor(s) of %s were not used (first: %s)", len(unused), folder, unused[0])
-    return save_as_final(params, config, tokenizer, out, f"hf:{folder.absolute()}")
+    return save_as_final(params, config, tokenizer, out, f"hf:{folder.absolute()}", hf_config.get(STAGE_KEY))
 
 
 # --- GGUF -----------------------------------------------------------------------------
@@ -245,4 +249,4 @@ def import_gguf(path: Path, out: Path) -> Path:
         raise ExportError(str(err)) from None
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = write_spm(vocab_from_gguf(kv, str(path)), Path(tmp) / "tokenizer.model")
-        return save_as_final(params, config, tokenizer, out, f"gguf:{path.absolute()}")
+        return save_as_final(params, config, tokenizer, out, f"gguf:{path.absolute()}", kv.get(GGUF_STAGE_KEY))
