@@ -38,7 +38,10 @@ for part in $PARTS; do
       done
       grep -vE "^\{|^appended" "$OUT/profile.log" | cut -c1-200 | tail -50 ;;
     tiny)  # accumulation scan vs fold (each step waited for, and back to back); then kernels without CUDA graphs
-      timeout 60 "${B[@]}" --model-size tiny --moe pallas --attention cudnn --accumulation scan,fold > "$OUT/tiny.log" 2>&1
+      # the GEMM autotuning results go to $OUT, for benchmarks/gpu_kernels.py's deviceless counts (XLA_FLAGS
+      # --xla_gpu_load_autotune_results_from=...) to use the tilings the GPU picked
+      XLA_FLAGS=--xla_gpu_dump_autotune_results_to="$OUT/autotune_tiny.textproto" \
+        timeout 60 "${B[@]}" --model-size tiny --moe pallas --attention cudnn --accumulation scan,fold > "$OUT/tiny.log" 2>&1
       rows < "$OUT/tiny.log"
       XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 45 "${B[@]}" --steps 5 --warmup 2 --model-size tiny --moe pallas \
         --attention cudnn --accumulation fold --profile /tmp/dsjax-profile-nocb >> "$OUT/tiny.log" 2>&1
