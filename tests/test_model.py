@@ -63,6 +63,31 @@ def test_cached_absorbed_decoding_equals_full_forward(name):
     assert [a.shape for a in cache["kpe"]] == [(2, 32, c.qk_rope_head_dim)] * c.num_hidden_layers
 
 
+def test_decode_layouts_and_cache_in_the_compute_dtype_change_nothing():
+    """bf16 compute: the decode layouts (absorbed, wide experts, matrices cast once) and the bf16 cache give
+    bit for bit the logits and latents of the fp32 params with an fp32 cache, token after token."""
+    c = dataclasses.replace(NANO, compute_dtype="bfloat16", max_position_embeddings=32)
+    params = model.init(c, jax.random.key(4))
+    tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, c.vocab_size)
+    step = jax.jit(lambda p, x, cache, start: model.decode_step(p, x, cache, start, c), static_argnums=3)
+    laid_out = jax.jit(model.with_decode_layouts, static_argnums=1)(params, c)
+    assert {a.dtype for a in jax.tree.leaves(laid_out) if a.ndim >= 2} == {jnp.dtype(jnp.bfloat16)}
+    runs = []
+    for p, cache_dtype in ((params, jnp.float32), (laid_out, None)):
+        cache = model.init_cache(c, batch=2, max_len=32, dtype=cache_dtype)
+        logits, cache = step(p, tokens[:, :6], cache, 0)
+        pieces = [logits]
+        for t in range(6, 12):
+            logits, cache = step(p, tokens[:, t : t + 1], cache, t)
+            pieces.append(logits)
+        runs.append((jnp.concatenate(pieces, axis=1), cache))
+    (want, fp32_cache), (got, bf16_cache) = runs
+    assert {a.dtype for a in jax.tree.leaves(bf16_cache)} == {jnp.dtype(jnp.bfloat16)}  # the default: compute dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for a, b in zip(jax.tree.leaves(bf16_cache), jax.tree.leaves(fp32_cache)):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b))
+
+
 @pytest.mark.parametrize("size", ["nano", "tiny", "small", "medium"])
 def test_param_count_matches_closed_form(size):
     c = load_config(size).model

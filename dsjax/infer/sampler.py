@@ -155,8 +155,15 @@ def _programs(
     return prefill, decode_chunk
 
 
+# cache lengths are rounded up to a multiple of this: XLA:GPU's Triton GEMM tiles then take the cache as it
+# is (at 1,004 positions it padded a copy of each layer's cache to 1,024 at every token: 4 of `tiny`'s 162
+# kernels per token, counted for an H200), and prompts of nearby lengths share one compiled program
+CACHE_MULTIPLE = 128
+
+
 def _cache_length(c: ModelConfig, longest_prompt: int, max_new: int) -> int:
-    return min(longest_prompt + max_new, c.max_position_embeddings)
+    wanted = longest_prompt + max_new
+    return min(-(-wanted // CACHE_MULTIPLE) * CACHE_MULTIPLE, c.max_position_embeddings)
 
 
 def _stop_ids(eos_id) -> tuple[int, ...]:

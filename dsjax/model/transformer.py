@@ -236,13 +236,17 @@ def apply_bias_updates(params, expert_load, c: ModelConfig, with_mtp: bool = Tru
 # --- cached decoding -----------------------------------------------------------------
 
 
-def init_cache(c: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, tuple[jax.Array, ...]]:
+def init_cache(c: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, tuple[jax.Array, ...]]:
     """Latent cache: per layer, kv_lora_rank + qk_rope_head_dim values per token.
 
     One array per layer (not one stacked [L, ...] array): each step then writes its token
     into each layer's buffer in place; a stacked cache was sliced and re-stacked (copied)
-    at every token of a decode loop.
+    at every token of a decode loop. Held in the compute dtype by default: the latents
+    written are computed in it, so the values are the same as in fp32, and attention reads
+    them without converting the whole cache at every token (8 of `tiny`'s 177 kernels
+    per token on an H200 target, `benchmarks/gpu_kernels.py`-style count).
     """
+    dtype = compute_dtype(c) if dtype is None else dtype
     L = c.num_hidden_layers
     return {
         "ckv": tuple(jnp.zeros((batch, max_len, c.kv_lora_rank), dtype) for _ in range(L)),
@@ -252,18 +256,24 @@ def init_cache(c: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> d
 
 def with_decode_layouts(params, c: ModelConfig):
     """params with each MoE layer's experts also as [D, E*F] matrices (`moe.wide_expert_weights`)
-    and each attention's absorbed key and value weights head-major (`mla.absorbed_weights`).
+    and each attention's absorbed key and value weights head-major (`mla.absorbed_weights`),
+    every weight matrix in the compute dtype.
 
-    A sampler calls this once before decoding (`infer.sampler`), so the transposed copies are
-    made once, not at every token; `decode_step` takes either form and computes the same thing.
+    A sampler calls this once before decoding (`infer.sampler`), so the transposed copies and
+    the casts are made once, not at every token (XLA kept the casts inside the decode loop:
+    7 kernels per token for `tiny` on an H200 target, and each token read fp32 weights);
+    `decode_step` takes either form and computes the same thing: every use of a matrix
+    casts it to the compute dtype first. Norm scales and routing biases (1-D) stay fp32.
     """
+    dtype = compute_dtype(c)
     layers = {}
     for name, p in params["layers"].items():
         p = {**p, "self_attn": mla.absorbed_weights(p["self_attn"], c)}
         if "experts" in p["mlp"]:
             p = {**p, "mlp": {**p["mlp"], "experts": wide_expert_weights(p["mlp"]["experts"])}}
         layers[name] = p
-    return {**params, "layers": layers}
+    cast = lambda a: a.astype(dtype) if a.ndim >= 2 and jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+    return jax.tree.map(cast, {**params, "layers": layers})
 
 
 def decode_step(params, tokens_BT, cache, start, c: ModelConfig, *, moe_impl: str = "auto"):
