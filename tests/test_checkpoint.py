@@ -169,6 +169,36 @@ def test_restore_onto_more_and_fewer_devices(tmp_path):
     eight.close()
 
 
+def test_a_final_written_on_eight_devices_loads_where_there_is_one(tmp_path):
+    """A final/ saved from params split over 8 devices (a mesh run's) loads in a process that has one device
+    (generate, export, eval, the next stage's start); Orbax would otherwise ask for the saved topology."""
+    config = small_config()
+    mesh = Mesh(np.array(jax.devices()), ("x",))
+    params = init_state(config, jax.random.key(0)).params
+    split = jax.device_put(params, jax.tree.map(lambda a: _shard_first_divisible_axis(mesh, a), params))
+    assert len(split["embed_tokens"]["embedding"].sharding.device_set) == 8
+    (tmp_path / "tokenizer.model").write_bytes(b"a tokenizer")
+    final = checkpoint.save_final(tmp_path / "run", split, config, {"step": 1}, tmp_path / "tokenizer.model")
+    script = textwrap.dedent(
+        """
+        import sys
+        import jax
+        import numpy as np
+        from dsjax.train.checkpoint import load_final
+        assert jax.device_count() == 1
+        params, _, _ = load_final(sys.argv[1])
+        leaf = params["embed_tokens"]["embedding"]
+        print("LOADED", len(leaf.sharding.device_set), float(np.asarray(leaf).sum()))
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", script, str(final)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    devices, total = result.stdout.split("LOADED")[1].split()
+    assert devices == "1"
+    assert float(total) == pytest.approx(float(np.asarray(params["embed_tokens"]["embedding"]).sum()), rel=1e-6)
+
+
 def test_write_failure_keeps_previous_checkpoint_and_says_so(tmp_path):
     """A real OS write failure (file-size limit, like a full disk) during an async save."""
     script = textwrap.dedent(

@@ -405,7 +405,11 @@ def load_final(final_dir: Path):
 
     final_dir = Path(final_dir).absolute()
     config = read_final_config(final_dir)
+    # onto this process's first device, whatever layout wrote it: Orbax would otherwise restore the
+    # saved mesh's layout, which a machine (or run) with fewer devices cannot hold
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = model.abstract_params(config.model)
+    abstract = with_shardings(abstract, jax.tree.map(lambda _: one_device, abstract))
     try:
         params = read_arrays(lambda: ocp.StandardCheckpointer().restore(final_dir / "params", abstract))
     except UnreadableArrays as err:
