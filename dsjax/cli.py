@@ -280,16 +280,22 @@ def check_mesh(config, args: argparse.Namespace, stages: list[str] = ()) -> None
     d = config.distributed
     sizes = {a: getattr(d, f"{a}_size") for a in ("pp", "dp", "ep", "sp", "tp")}
     # first with an inferred size at its smallest (1): the same error on any machine, whatever its device count
-    validate(MeshShape(**{a: 1 if s == -1 else s for a, s in sizes.items()}), config)
+    smallest = MeshShape(**{a: 1 if s == -1 else s for a, s in sizes.items()})
+    checked = config
+    if "grpo" in stages:
+        from dsjax.posttrain.grpo_loop import check_grpo_mesh, mesh_view
+
+        check_grpo_mesh(config, smallest, jax.process_count())
+        if not {"pretrain", "sft", "distill"} & set(stages):  # GRPO alone: its rows are the batch, not --batch-size
+            checked = mesh_view(config)
+    validate(smallest, checked)
     available = len(jax.devices())
     if args.gpus is not None and args.gpus > available:
         raise MeshError(f"--gpus {args.gpus} asks for more devices than the {available} available")
     shape = resolve_shape(d, args.gpus or available)
-    validate(shape, config)
     if "grpo" in stages:
-        from dsjax.posttrain.grpo_loop import check_grpo_mesh
-
         check_grpo_mesh(config, shape, jax.process_count())
+    validate(shape, checked)
     if config.training.batch_size % jax.process_count():
         raise UsageError(
             f"batch_size={config.training.batch_size} does not divide over {jax.process_count()} processes"

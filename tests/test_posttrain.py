@@ -404,6 +404,27 @@ def test_grpo_run_on_a_dp_mesh_matches_one_device(grpo_run, tokenizer):
         np.testing.assert_allclose(float(two[key]), float(one[key]), rtol=1e-5, atol=1e-7, err_msg=key)
 
 
+def test_grpo_mesh_checks_name_grpo_rows_not_the_training_batch():
+    """`dsjax run --stages grpo` on dp 3: GRPO's rows (8 x 3 = 24) split, the training block's batch (16) does not
+    and is not GRPO's, so nothing is refused; 9 rows that do not split are refused by the GRPO rule first."""
+    import argparse
+
+    from dsjax.cli import check_mesh
+    from dsjax.config import config_from_dict
+    from meshes.mesh import MeshError
+
+    args = argparse.Namespace(gpus=3)
+    config = config_from_dict({"training": {"batch_size": 16}, "grpo": {"prompts_per_step": 8, "group_size": 3},
+                               "distributed": {"dp_size": 3}}, load_config("nano"))
+    check_mesh(config, args, ["grpo"])
+    with pytest.raises(MeshError, match="batch_size=16 is not divisible"):  # pretraining's batch still counts there
+        check_mesh(config, args, ["pretrain", "sft", "grpo"])
+    odd = config_from_dict({"training": {"batch_size": 5}, "grpo": {"prompts_per_step": 3}, "distributed": {"dp_size": 2}},
+                           config)  # neither 9 rows nor a batch of 5 split over dp 2: the GRPO rule speaks
+    with pytest.raises(MeshError, match=r"3 prompts x 3 samples = 9 rows do not split over the data-parallel size dp\*ep=2"):
+        check_mesh(odd, argparse.Namespace(gpus=2), ["grpo"])
+
+
 def _csv_rows(path):
     header, *body = path.read_text().splitlines()
     return [dict(zip(header.split(","), line.split(","))) for line in body]
@@ -440,3 +461,22 @@ def test_eval_command_compares_checkpoints(grpo_run, capsys):
     assert result["settings"]["prompts"] == 4 and result["windows"] > 0
     assert main(argv[:3] + ["--prompts", "0"]) == 2
     assert "--prompts must be >= 1" in capsys.readouterr().err
+
+
+def test_compared_checkpoints_share_their_bits_per_byte_windows(grpo_run, tmp_path):
+    """An SFT final records a longer training.seq_len than the pretrained one; the table still scores every
+    checkpoint on the same windows (the settings' length), so its bits/byte difference is paired."""
+    import shutil
+
+    from dsjax.posttrain.evaluate import EvalSettings, score_checkpoint
+    from dsjax.train.checkpoint import read_final_config
+
+    longer = tmp_path / "longer" / "final"
+    shutil.copytree(grpo_run["start"], longer)
+    saved = json.loads((longer / "config.json").read_text())
+    saved["training"]["seq_len"] = 2 * saved["training"]["seq_len"]
+    (longer / "config.json").write_text(json.dumps(saved))
+    settings = EvalSettings.from_config(read_final_config(grpo_run["start"]), prompts=1, samples=1, max_new_tokens=4)
+    a, b = (score_checkpoint(f, settings, grpo_run["data"], grpo_run["root"] / "data") for f in (grpo_run["start"], longer))
+    assert len(a.nats) == len(b.nats) and np.array_equal(a.bytes, b.bytes)
+    np.testing.assert_allclose(b.nats, a.nats, rtol=1e-5)  # the same weights on the same windows

@@ -58,6 +58,9 @@ class EvalSettings:
     max_new_tokens: int = 160
     reward: RewardSpec = RewardSpec()
     with_features: bool = True
+    # val bits/byte windows: one length for every checkpoint compared (an SFT final records its own, longer
+    # seq_len), so their windows pair up; 0 = each checkpoint's training.seq_len
+    seq_len: int = 0
 
     @classmethod
     def from_config(cls, config, **changes) -> "EvalSettings":
@@ -65,7 +68,7 @@ class EvalSettings:
         g = config.grpo
         base = cls(
             seed=config.training.seed, max_new_tokens=g.max_new_tokens, reward=RewardSpec.from_config(g),
-            with_features=config.sft.with_features,
+            with_features=config.sft.with_features, seq_len=config.training.seq_len,
         )
         return dataclasses.replace(base, **changes)
 
@@ -142,11 +145,15 @@ def _window_nats(c: ModelConfig):
     return fn
 
 
-def window_scores(params, config, tokenizer: Tokenizer, data_dir: Path, work_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(nats, bytes) per valid window of training.seq_len (the first training.eval_batches batches when set)."""
+def window_scores(
+    params, config, tokenizer: Tokenizer, data_dir: Path, work_dir: Path, seq_len: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(nats, bytes) per valid window of `seq_len` tokens (0: training.seq_len; at most the model's positions),
+    the first training.eval_batches batches when set."""
     t = config.training
+    seq_len = min(seq_len or t.seq_len, config.model.max_position_embeddings)
     split = tokenize_split(layout.split_file(data_dir, "valid"), tokenizer, work_dir, "valid")
-    windows, counts = split.windows(t.seq_len)
+    windows, counts = split.windows(seq_len)
     n = min(len(windows), t.eval_batches * t.batch_size) if t.eval_batches else len(windows)
     fn = _window_nats(config.model)
     nats, text_bytes = [], []
@@ -197,7 +204,7 @@ def score_checkpoint(final_dir: Path, settings: EvalSettings, data_dir: Path | N
         for k in ("reward", *TERMS)
     }
     per_prompt["words"] = np.asarray([len(c.text.split()) for c in completions], np.float64).reshape(-1, S).mean(1)
-    nats, text_bytes = window_scores(params, config, tokenizer, data_dir, work_dir)
+    nats, text_bytes = window_scores(params, config, tokenizer, data_dir, work_dir, settings.seq_len)
     label = label or Path(final_dir).absolute().parent.name
     return CheckpointScores(label, str(final_dir), {k: per_prompt[k] for k in METRICS}, nats, text_bytes)
 

@@ -79,6 +79,14 @@ def check_grpo_mesh(config: Config, shape: MeshShape | None = None, processes: i
         )
 
 
+def mesh_view(config: Config) -> Config:
+    """The config the mesh checks see for GRPO: a step's prompts x group rows as the batch (the training
+    block's batch_size is not GRPO's, and a refusal naming it would send the user the wrong way)."""
+    g = config.grpo
+    rows = g.prompts_per_step * g.group_size
+    return dataclasses.replace(config, training=dataclasses.replace(config.training, batch_size=rows))
+
+
 def sampling_rows(mesh, shape: MeshShape, count: int):
     """How `count` sampled rows lie on the mesh: split over dp x ep when they divide (each device decodes
     its own rows; the same tokens either way, since each row has its own seed), else whole on every device."""
@@ -143,7 +151,7 @@ def grpo(
     check_grpo_mesh(config, processes=jax.process_count())
     ref_params, final_config, tokenizer_path = checkpoint.load_final(Path(start_final_dir))
     config = dataclasses.replace(config, model=_model_config(final_config, config))
-    mesh, shape = distributed.setup_mesh(config, device_count)
+    mesh, shape = distributed.setup_mesh(mesh_view(config), device_count)
     check_grpo_mesh(config, shape, jax.process_count())
     paths = RunPaths.for_run(config, run_name)
     with checkpoint_store(config, paths) as store:
