@@ -93,31 +93,59 @@ def step_hlo(config, device, accumulation: str) -> tuple[str, str, float]:
 TARGETS_MEMORY = {name: facts["device_memory_size"] for name, facts in TARGETS.values()}
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """`4x4x256,16x1x256` -> [(4, 4, 256), (16, 1, 256)]; ValueError naming the bad one."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--shape {item!r}: expected batch x accumulation x seq_len, e.g. 4x4x256")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", choices=sorted(TARGETS), default="h200")
-    p.add_argument("--model-size", default="tiny")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
+    p.add_argument("--target", choices=sorted(TARGETS), default="h200", help="the GPU compiled for")
+    p.add_argument("--model-size", default="tiny", help="a size preset (configs/)")
     p.add_argument("--config", metavar="FILE", help="JSON config layered over the size preset, as `dsjax run --config`")
-    p.add_argument("--shape", default="4x4x256", help="batch x accumulation x seq_len, comma list (default 4x4x256)")
+    p.add_argument("--shape", default="4x4x256", help="batch x accumulation x seq_len, comma list")
     p.add_argument("--accumulation", default="auto", help="auto, scan, fold or a comma list")
-    p.add_argument("--moe", default="pallas", help="the MoE path (default pallas, as run 3 measured)")
-    p.add_argument("--attention", default="cudnn", help="the attention path (default cudnn)")
+    p.add_argument("--moe", default="pallas", help="the MoE path (pallas: as run 3 measured)")
+    p.add_argument("--attention", default="cudnn", help="the attention path")
     p.add_argument("--top", type=int, default=0, help="also list the N JAX ops that make the most kernels")
-    p.add_argument("--json", action="store_true", help="one JSON object per case")
+    p.add_argument("--json", action="store_true", help="one JSON object per case (with the top ops when --top)")
     args = p.parse_args(argv)
+    try:
+        shapes = parse_shapes(args.shape)
+    except ValueError as err:
+        p.error(str(err))
+    accumulations = [a.strip() for a in args.accumulation.split(",")]
+    wrong = [a for a in accumulations if a not in ("auto", "scan", "fold")]
+    if wrong:
+        p.error(f"--accumulation {wrong[0]!r}: choose auto, scan or fold (or a comma list)")
+    if args.top < 0:
+        p.error(f"--top must be >= 0, got {args.top}")
 
     import jax_cuda12_plugin  # noqa: F401 - the GPU compiler; a clear error below when it is missing
 
-    from dsjax.config import load_config
+    from dsjax.config import ConfigError, load_config
 
     jax.default_backend = lambda: "gpu"  # the model's GPU choices (dtype, kernels, chunks): the compile targets one
     device = gpu_device(args.target)
-    for shape in args.shape.split(","):
-        B, A, T = (int(x) for x in shape.split("x"))
-        for accumulation in args.accumulation.split(","):
+    for B, A, T in shapes:
+        shape = f"{B}x{A}x{T}"
+        for accumulation in accumulations:
             training = {"batch_size": B, "gradient_accumulation_steps": A, "seq_len": T}
             model = {"moe_impl": args.moe, "attention_impl": args.attention}
-            config = load_config(args.model_size, args.config, overrides={"model": model, "training": training})
+            try:
+                config = load_config(args.model_size, args.config, overrides={"model": model, "training": training})
+            except (ConfigError, FileNotFoundError, ValueError) as err:
+                p.error(str(err).splitlines()[0])
             hlo, used, seconds = step_hlo(config, device, accumulation)
             launches = count_launches(hlo)
             row = {
@@ -127,15 +155,20 @@ def main(argv=None) -> int:
                 "compile_sec": round(seconds, 1), "by_kind": dict(launches.by_kind.most_common()),
                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
             }
+            if args.top:
+                row["top_ops"] = dict(launches.top_ops(args.top))
             if args.json:
                 print(json.dumps(row))
-            else:
-                print(f"{args.model_size} {shape} {used}, moe={args.moe} attn={args.attention} on {device.device_kind}: "
-                      f"{launches.per_run:,} kernels per step ({launches.static:,} in the program; compiled in {seconds:.1f} s)")
-                for kind, n in launches.by_kind.most_common():
-                    print(f"    {n:6,}  {kind}")
-            for op, n in launches.top_ops(args.top) if args.top else ():
-                print(f"    {n:6,}  {op}")
+                continue
+            print(f"{args.model_size} {shape} {used}, moe={args.moe} attn={args.attention} on {device.device_kind}: "
+                  f"{launches.per_run:,} kernels per step ({launches.static:,} in the program; compiled in {seconds:.1f} s)")
+            print("  by kind:")
+            for kind, n in launches.by_kind.most_common():
+                print(f"    {n:6,}  {kind}")
+            if args.top:
+                print(f"  the {args.top} JAX ops that make the most kernels:")
+                for op, n in row["top_ops"].items():
+                    print(f"    {n:6,}  {op}")
     return 0
 
 

@@ -377,12 +377,14 @@ def environment() -> dict[str, Any]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| case | compile s | ms/step (p10-p90) | back to back ms | steps/s | tokens/s | TFLOP/s | MFU | memory GiB |"
-    lines = [head, "|" + "---|" * 9]
+    head = ("| case | compile s | ms/step (p10-p90) | back to back ms | steps/s | tokens/s | TFLOP/s | MFU | memory GiB "
+            "| launches/step |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | error: {r['error']} ||||||||")
+            lines.append(f"| {r['case']} | error: {r['error']} |||||||||")
             continue
+        launches = f"{r['launches_per_step']:,}" if r.get("launches_per_step") is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         b2b = f"{r['back_to_back_ms_per_step']:.2f}" if r.get("back_to_back_ms_per_step") is not None else "-"
         mem = r["peak_memory_gib"]
@@ -393,9 +395,10 @@ def format_table(rows: list[dict]) -> str:
             f"| {r['case']} | {r['compile_sec']:.1f} | {r['step_ms_median']:.2f} "
             f"({r['step_ms_p10']:.2f}-{r['step_ms_p90']:.2f}) | {b2b} | {r['steps_per_sec']:.1f} | "
             f"{r['tokens_per_sec']:,.0f} | {r['model_tflops_per_sec']:.1f} | {mfu} | "
-            f"{'-' if mem is None else mem} |"
+            f"{'-' if mem is None else mem} | {launches} |"
         )
-    lines.append("\nms/step: each step waited for; back to back: steps queued as training runs them, waited for once")
+    lines.append("\nms/step: each step waited for; back to back: steps queued as training runs them, waited for once; "
+                 "launches/step: kernels (GPU) or thunks (CPU) in one step of the compiled program")
     if any(r.get("peak_memory_gib") is None and r.get("compiled_memory_gib") is not None for r in rows):
         lines.append("\nmemory: the device's peak in use; * = the compiled step's arguments + outputs + "
                      "temporaries, where the device reports no peak (CPU)")

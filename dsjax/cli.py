@@ -960,7 +960,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     check_out(Path(args.out))
     fmt, source = ("hf", args.from_hf) if args.from_hf is not None else ("gguf", args.from_gguf)
     out = import_checkpoint(Path(source), Path(args.out), fmt)
-    print(f"wrote {out}; try: dsjax generate --checkpoint {out}")
+    from dsjax.train.checkpoint import read_json_item
+
+    chat = " --chat" if (read_json_item(out, "training_state") or {}).get("stage") in ("sft", "grpo") else ""
+    print(f"wrote {out}; try: dsjax generate --checkpoint {out}{chat}")
     return 0
 
 

@@ -134,8 +134,11 @@ def describe(plans: list[StagePlan]) -> list[str]:
         source = f" from {p.start_final}" if p.start_final is not None else ""
         if p.action == "skip":
             lines.append(f"{p.stage}: skipped, {p.final} exists (pass --overwrite to train it again)")
+        elif p.action == "resume":  # continues its own checkpoints; the start final/ is only where it began
+            began = f" (begun from {p.start_final})" if p.start_final is not None else ""
+            lines.append(f"{p.stage}: resume {p.paths.checkpoints}{began}")
         else:
-            lines.append(f"{p.stage}: {'resume' if p.action == 'resume' else 'train'} {p.paths.checkpoints}{source}")
+            lines.append(f"{p.stage}: train {p.paths.checkpoints}{source}")
     return lines
 
 

@@ -352,7 +352,8 @@ def format_plan(plan: Plan) -> str:
         lines.append("  download  " + ("\n            ".join(
             f"{vol}:{prefix}/ -> {local}/" for vol, prefix, local in plan.downloads()) or "nothing (no training or export stage)"))
         for old in plan.local_to_move():
-            lines.append(f"  keep      {old}/ is from an earlier run: moved aside (renamed, not deleted) before the download")
+            lines.append(f"  keep      {old}/ is from an earlier run: renamed to {old.name}.replaced-<UTC time>/ (not deleted) "
+                         "before the download")
     lines.append(f"  cost      {cost}")
     if plan.nodes > 1:
         lines.append("  note      multi-node has not run on Modal yet; checkpoints from several containers are untested (BUILD.md)")

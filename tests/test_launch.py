@@ -61,7 +61,7 @@ def test_dry_run_names_gpu_volumes_mesh_and_command(local_dirs, no_cloud, capsys
     checkpoints = local_dirs[local_dirs.index("--checkpoint-dir") + 1]
     (Path(checkpoints) / "nano").mkdir(parents=True)  # an older local run of this name: the download keeps it aside
     assert modal_h100.main(["--gpus", "1", *map(str, local_dirs), "--dry-run"]) == 0
-    assert f"keep      {Path(checkpoints) / 'nano'}/ is from an earlier run: moved aside" in capsys.readouterr().out
+    assert f"keep      {Path(checkpoints) / 'nano'}/ is from an earlier run: renamed to nano.replaced-" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
