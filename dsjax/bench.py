@@ -188,6 +188,7 @@ def run_case(
         lower_sec = time.perf_counter() - start  # Python tracing + lowering to StableHLO
         compiled = lowered.compile()
     compile_sec = time.perf_counter() - start
+    hlo = compiled.as_text()  # the optimized program: its launches per step, and the profile's op sources
 
     def run(state, batch):
         if mesh is not None:
@@ -224,7 +225,7 @@ def run_case(
             jax.block_until_ready(metrics)
 
         trace, wall = trace_summary.record(traced_steps, profile_folder(profile_root, case))
-        profile = trace_summary.summarize(trace, PROFILED_STEPS, wall, trace_summary.op_sources(compiled.as_text()))
+        profile = trace_summary.summarize(trace, PROFILED_STEPS, wall, trace_summary.op_sources(hlo))
 
     device = jax.devices()[0]
     tokens_per_step = t.gradient_accumulation_steps * t.batch_size * t.seq_len
@@ -262,7 +263,7 @@ def run_case(
         "peak_memory_gib": _gib(_peak_memory_bytes(device)),
         "compiled_memory_gib": _gib(_compiled_memory_bytes(compiled)),
         # kernels (GPU) or thunks (CPU) one step launches, from the compiled program (dsjax.hlo_launches)
-        "launches_per_step": count_launches(compiled.as_text()).per_run,
+        "launches_per_step": count_launches(hlo).per_run,
         "loss": loss,
         "steps": steps,
         "warmup": warmup,

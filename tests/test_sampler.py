@@ -71,3 +71,15 @@ def test_rows_split_over_devices_give_the_same_tokens(nano):
                              jax.numpy.stack([jax.random.key_data(jax.random.key(r)) for r in range(8)])), rows)
     state = decode_chunk(params, prefill(params, *inputs, 5), inputs[0], inputs[1])
     assert state.out_BN.sharding.spec[0] == "dp" and len(state.out_BN.sharding.device_set) == 4
+
+
+def test_cache_lengths_round_up_to_a_multiple_of_128(nano):
+    """So GPU GEMM tiles take the cache without a padded copy per token, and nearby prompt lengths share a program."""
+    import dataclasses
+
+    from dsjax.infer.sampler import CACHE_MULTIPLE, _cache_length
+
+    c = dataclasses.replace(nano[0], max_position_embeddings=1100)
+    assert CACHE_MULTIPLE == 128
+    assert [_cache_length(c, 4, n) for n in (100, 124, 125, 1000)] == [128, 128, 256, 1024]
+    assert _cache_length(c, 4, 1090) == 1100  # never past the model's positions

@@ -87,8 +87,6 @@ def import_checkpoint(source: Path, out: Path, fmt: str) -> Path:
     raise ExportError(f"import format {fmt!r} is unknown; choose hf or gguf")
 
 
-
-
 def existing_dtype(target: Path, fmt: str) -> str | None:
     """The dtype (f32, f16, bf16, q8_0) an earlier export at `target` was written in; None when unknown."""
     try:

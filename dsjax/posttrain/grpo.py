@@ -40,7 +40,7 @@ from dsjax.model.layers import rms_norm
 from dsjax.model.loss import default_chunk_tokens
 from dsjax.model.transformer import forward_hidden, head_kernel
 from dsjax.train.optimizer import global_norm, lr_schedule, make_optimizer
-from dsjax.train.step import TrainState, state_shardings_for
+from dsjax.train.step import TrainState, state_shardings_for, under_mesh
 from meshes.expert_parallel import with_scheme
 from meshes.mesh import BATCH_AXES
 
@@ -191,7 +191,7 @@ def make_logprobs(c: ModelConfig, chunk_tokens: int | None = None, mesh=None, ep
     apply) on params and tokens laid out as the step lays them out (`batch_shardings`).
     """
     fn = with_scheme(ep_dispatch, lambda params, tokens_BL: token_logprobs(params, tokens_BL, c, chunk_tokens)[0])
-    return _under(mesh, jax.jit(fn))
+    return under_mesh(mesh, jax.jit(fn))
 
 
 @functools.lru_cache(maxsize=4)
@@ -220,22 +220,9 @@ def make_grpo_step(
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     shardings = state_shardings_for(Config(model=c, training=t), mesh, stages=1)
-    return _under(mesh, jax.jit(step, out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0))
+    return under_mesh(mesh, jax.jit(step, out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0))
 
 
 def batch_shardings(batch: dict, mesh) -> dict:
     """Each batch array ([B, ...]: tokens, mask, adv, old, ref) with its rows split over the data-parallel axes."""
     return {k: NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (v.ndim - 1)))) for k, v in batch.items()}
-
-
-def _under(mesh, jitted):
-    """`jitted`, called under `mesh` when there is one (its tracing then sees the mesh's axes)."""
-    if mesh is None:
-        return jitted
-
-    def call(*args):
-        with jax.set_mesh(mesh):
-            return jitted(*args)
-
-    call.jitted = jitted
-    return call

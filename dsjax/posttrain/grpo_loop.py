@@ -47,7 +47,7 @@ from dsjax.posttrain.rewards import TERMS, RewardSpec
 from dsjax.posttrain.rollout import EVAL_STREAM, Completion, encode_prompts, rollouts, row_seeds
 from dsjax.progress import console, training_progress
 from dsjax.train import checkpoint, distributed, runs
-from dsjax.train.checkpoint import CheckpointError, with_shardings
+from dsjax.train.checkpoint import CheckpointError, on_first_device, with_shardings
 from dsjax.train.loop import TrainingDiverged, checkpoint_store
 from dsjax.train.metrics import MetricsWriter
 from dsjax.train.optimizer import make_optimizer
@@ -190,14 +190,14 @@ def _run(config: Config, run_name: str, start_final: Path, resume: bool, paths: 
     optimizer = make_optimizer(tcfg)
     make_state = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p))  # noqa: E731
     abstract = jax.eval_shape(make_state, ref_params)
+    shardings = None  # one device: where the reference was loaded
     if mesh is None:
-        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: single, abstract)
+        abstract = on_first_device(abstract)
     else:
         shardings = state_shardings_for(dataclasses.replace(config, training=tcfg), mesh, stages=1)
         log.info(distributed.describe(mesh, shape, config, abstract, shardings))
         ref_params = jax.device_put(ref_params, shardings.params)
-    abstract = with_shardings(abstract, shardings)
+        abstract = with_shardings(abstract, shardings)
 
     state, start_step, wall_before, last_eval = None, 0, 0.0, {}
     if resume:
@@ -214,7 +214,7 @@ def _run(config: Config, run_name: str, start_final: Path, resume: bool, paths: 
             log.info("resumed GRPO from %s at step %d", folder, start_step)
     if state is None:
         # a copy: the step donates its state, and the reference must outlive it
-        state = jax.jit(make_state, out_shardings=None if mesh is None else shardings)(jax.tree.map(jnp.copy, ref_params))
+        state = jax.jit(make_state, out_shardings=shardings)(jax.tree.map(jnp.copy, ref_params))
 
     writer = MetricsWriter(paths.outputs, resume=start_step > 0, columns=GRPO_COLUMNS)
     if start_step > 0:

@@ -407,9 +407,7 @@ def load_final(final_dir: Path):
     config = read_final_config(final_dir)
     # onto this process's first device, whatever layout wrote it: Orbax would otherwise restore the
     # saved mesh's layout, which a machine (or run) with fewer devices cannot hold
-    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = model.abstract_params(config.model)
-    abstract = with_shardings(abstract, jax.tree.map(lambda _: one_device, abstract))
+    abstract = on_first_device(model.abstract_params(config.model))
     try:
         params = read_arrays(lambda: ocp.StandardCheckpointer().restore(final_dir / "params", abstract))
     except UnreadableArrays as err:
@@ -420,6 +418,12 @@ def load_final(final_dir: Path):
 def with_shardings(abstract_tree, shardings):
     """Attach target shardings to an abstract tree, so a restore lands directly in that layout."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
+def on_first_device(abstract_tree):
+    """`with_shardings` onto this process's first device: a restore lands there whatever layout wrote it."""
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return with_shardings(abstract_tree, jax.tree.map(lambda _: single, abstract_tree))
 
 
 @dataclasses.dataclass

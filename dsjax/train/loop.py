@@ -26,7 +26,7 @@ from dsjax.train.metrics import MetricsWriter, finite, plot_losses
 from dsjax.train.runs import RunPaths
 from dsjax.train.signals import GracefulStop, StopRequested
 from dsjax.train import distributed, precompile
-from dsjax.train.checkpoint import with_shardings
+from dsjax.train.checkpoint import on_first_device, with_shardings
 from dsjax.train.step import (
     TrainState,
     abstract_state,
@@ -209,9 +209,7 @@ def _train(config, run_name, resume, paths, job: TrainingJob, store, mesh, shape
             )
         abstract = with_shardings(abstract, state_shardings_for(config, mesh, stages=1))
     else:
-        # explicit target placement, so a checkpoint written by a mesh restores onto one device
-        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = with_shardings(abstract, jax.tree.map(lambda _: single, abstract))
+        abstract = on_first_device(abstract)  # so a checkpoint written by a mesh restores onto one device
     state = None
     start_step, tokens_seen, wall_before = 0, 0, 0.0
     best_val, last_val, last_val_step = math.inf, None, None

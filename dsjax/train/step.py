@@ -225,13 +225,23 @@ def make_train_step(config: Config, moe_impl: str = "auto", mesh=None, objective
         donate_argnums=0,
     )
 
-    def sharded_step(state, batch_ABT1, *extras):
-        with jax.set_mesh(mesh):
-            return jitted(state, batch_ABT1, *extras)
-
-    sharded_step.jitted = jitted  # for inspection (compiled memory, HLO) under `jax.set_mesh(mesh)`
+    sharded_step = under_mesh(mesh, jitted)
     sharded_step.accumulation = accumulation
     return sharded_step
+
+
+def under_mesh(mesh, jitted):
+    """`jitted`, called under `mesh` when there is one, so its tracing sees the mesh's axes (the model's sharding
+    constraints, expert-parallel dispatch); `.jitted` keeps the jitted function for lowering and inspection."""
+    if mesh is None:
+        return jitted
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+
+    call.jitted = jitted
+    return call
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -291,11 +301,5 @@ def make_eval_step(config: Config, moe_impl: str = "auto", mesh=None):
         return jax.jit(eval_step)
     data = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
     params = state_shardings_for(config, mesh).params
-    jitted = jax.jit(eval_step, in_shardings=(params, data, data, data))
-
-    def sharded_eval(*args):
-        with jax.set_mesh(mesh):
-            return jitted(*args)
-
-    sharded_eval.jitted = jitted  # for compiling ahead (dsjax.train.precompile) under `jax.set_mesh(mesh)`
-    return sharded_eval
+    # `.jitted`: compiled ahead by dsjax.train.precompile under the mesh
+    return under_mesh(mesh, jax.jit(eval_step, in_shardings=(params, data, data, data)))
