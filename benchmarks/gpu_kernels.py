@@ -1,4 +1,4 @@
-"""Kernels per train step on an NVIDIA H100 or H200, counted on a machine without a GPU.
+"""Kernels per train step, or per decoded token, on an NVIDIA H100 or H200, counted on a machine without a GPU.
 
 XLA compiles the step for a GPU target described by its device facts (JAX's deviceless
 compilation: `jax.experimental.topologies.get_topology_desc`, no driver, no device), and
@@ -9,6 +9,7 @@ for, head chunks sized for an accelerator). Nothing runs: counts, not times.
     UV_PROJECT_ENVIRONMENT=.venv-cuda uv sync --frozen --extra cuda    # once: JAX's CUDA plugin, its own environment
     .venv-cuda/bin/python benchmarks/gpu_kernels.py --model-size tiny --shape 4x4x256 --accumulation scan,fold
     .venv-cuda/bin/python benchmarks/gpu_kernels.py --model-size small --shape 32x1x512 --top 25
+    .venv-cuda/bin/python benchmarks/gpu_kernels.py --model-size tiny --decode --top 25   # the sampler's loop, per token
 
 Against the H200's profile (BENCHMARKS.md, run 3): `tiny` at 4 x 4 x 256 measured 2,717
 GPU events per step where this counts 2,562 for the same code (`83af0f7`); at 16 x 1 x 256,
@@ -93,6 +94,30 @@ def step_hlo(config, device, accumulation: str) -> tuple[str, str, float]:
 TARGETS_MEMORY = {name: facts["device_memory_size"] for name, facts in TARGETS.values()}
 
 
+def decode_hlo(config, device, rows: int, new_tokens: int, prompt: int = 4) -> tuple[str, int, float]:
+    """(optimized HLO, cache length, compile seconds) of the sampler's decode loop (`dsjax generate`'s
+    program: temperature 0.8, rows prompts of `prompt` tokens) compiled for `device`."""
+    from dsjax import model
+    from dsjax.infer import sampler
+    from dsjax.infer.generate import SamplingConfig
+
+    c = config.model
+    cache_len = sampler._cache_length(c, prompt, new_tokens)
+    prefill, decode_chunk = sampler._programs(c, SamplingConfig(max_new_tokens=new_tokens), (), cache_len, 1 << 20)
+    placed = jax.sharding.SingleDeviceSharding(device)
+    prompts = jax.ShapeDtypeStruct((rows, prompt), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    keys = jax.ShapeDtypeStruct((rows, 2), jnp.uint32)
+    plain = model.abstract_params(c)
+    state = jax.eval_shape(lambda *args: prefill(*args, prompt), plain, prompts, lengths, keys)
+    params = jax.eval_shape(lambda p: model.with_decode_layouts(p, c), plain)
+    on_device = [jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placed), tree)
+                 for tree in (params, state, prompts, lengths)]
+    started = time.perf_counter()
+    hlo = decode_chunk.lower(*on_device).compile().as_text()
+    return hlo, cache_len, time.perf_counter() - started
+
+
 class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
 
@@ -117,6 +142,11 @@ def main(argv=None) -> int:
     p.add_argument("--accumulation", default="auto", help="auto, scan, fold or a comma list")
     p.add_argument("--moe", default="pallas", help="the MoE path (pallas: as run 3 measured)")
     p.add_argument("--attention", default="cudnn", help="the attention path")
+    p.add_argument("--decode", action="store_true",
+                   help="count the sampler's decode loop per token instead of the train step (--shape, --accumulation, "
+                        "--moe and --attention then do not apply)")
+    p.add_argument("--rows", type=int, default=1, help="with --decode: prompts decoded together")
+    p.add_argument("--new-tokens", type=int, default=1000, help="with --decode: tokens per row (sets the cache length)")
     p.add_argument("--top", type=int, default=0, help="also list the N JAX ops that make the most kernels")
     p.add_argument("--json", action="store_true", help="one JSON object per case (with the top ops when --top)")
     args = p.parse_args(argv)
@@ -130,6 +160,8 @@ def main(argv=None) -> int:
         p.error(f"--accumulation {wrong[0]!r}: choose auto, scan or fold (or a comma list)")
     if args.top < 0:
         p.error(f"--top must be >= 0, got {args.top}")
+    if args.rows < 1 or args.new_tokens < 1:
+        p.error(f"--rows and --new-tokens must be >= 1, got {args.rows} and {args.new_tokens}")
 
     import jax_cuda12_plugin  # noqa: F401 - the GPU compiler; a clear error below when it is missing
 
@@ -137,6 +169,8 @@ def main(argv=None) -> int:
 
     jax.default_backend = lambda: "gpu"  # the model's GPU choices (dtype, kernels, chunks): the compile targets one
     device = gpu_device(args.target)
+    if args.decode:
+        return count_decode(p, args, device)
     for B, A, T in shapes:
         shape = f"{B}x{A}x{T}"
         for accumulation in accumulations:
@@ -169,6 +203,36 @@ def main(argv=None) -> int:
                 print(f"  the {args.top} JAX ops that make the most kernels:")
                 for op, n in row["top_ops"].items():
                     print(f"    {n:6,}  {op}")
+    return 0
+
+
+def count_decode(p, args, device) -> int:
+    from dsjax.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.model_size, args.config)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        p.error(str(err).splitlines()[0])
+    hlo, cache_len, seconds = decode_hlo(config, device, args.rows, args.new_tokens)
+    launches = count_launches(hlo)
+    row = {
+        "target": device.device_kind, "model": args.model_size, "decode_rows": args.rows, "new_tokens": args.new_tokens,
+        "cache_len": cache_len, "kernels_per_token": launches.per_unknown_iteration,
+        "kernels_outside_the_loop": launches.per_run - launches.per_unknown_iteration,
+        "compile_sec": round(seconds, 1), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    if args.top:
+        row["top_ops"] = dict(launches.top_ops(args.top))
+    if args.json:
+        print(json.dumps(row))
+        return 0
+    print(f"{args.model_size} decoding {args.rows} row(s), cache {cache_len}, on {device.device_kind}: "
+          f"{launches.per_unknown_iteration:,} kernels per token (the loop's body and condition; "
+          f"{row['kernels_outside_the_loop']:,} more per call; compiled in {seconds:.1f} s)")
+    if args.top:
+        print(f"  the {args.top} JAX ops that make the most kernels (one token, plus the call's):")
+        for op, n in row["top_ops"].items():
+            print(f"    {n:6,}  {op}")
     return 0
 
 

@@ -38,6 +38,7 @@ class Launches:
     per_run: int = 0  # launches of one call, loop bodies times their trip counts
     static: int = 0  # launching instructions in the program text
     unknown_trip_loops: int = 0  # while loops whose trip count XLA does not know (their bodies counted once)
+    per_unknown_iteration: int = 0  # launches one more iteration of those loops adds (body and condition)
     by_kind: collections.Counter = field(default_factory=collections.Counter)  # per run
     by_op: collections.Counter = field(default_factory=collections.Counter)  # per run, by the JAX op that made it
 
@@ -94,7 +95,7 @@ def count_launches(hlo_text: str, group_depth: int = 3) -> Launches:
     entry, comps = computations(hlo_text)
     out = Launches()
 
-    def walk(name: str, times: int, inside: tuple[str, ...]) -> None:
+    def walk(name: str, times: int, inside: tuple[str, ...], unknown: bool = False) -> None:
         if name in inside or name not in comps:
             return
         for line in comps[name]:
@@ -109,7 +110,7 @@ def count_launches(hlo_text: str, group_depth: int = 3) -> Launches:
                 for part, k in (("condition", n + 1 if trips else 1), ("body", n)):
                     sub = re.search(part + r"=%?([\w.\-]+)", rest)
                     if sub:
-                        walk(sub.group(1), times * k, inside + (name,))
+                        walk(sub.group(1), times * k, inside + (name,), unknown or trips is None)
                 continue
             if op in ("conditional", "call"):
                 called = re.findall(r"(?:branch_computations=\{([^}]*)\}|true_computation=%?([\w.\-]+)|"
@@ -117,13 +118,14 @@ def count_launches(hlo_text: str, group_depth: int = 3) -> Launches:
                 for names in called:
                     for sub in ",".join(n for n in names if n).split(","):
                         if sub.strip():
-                            walk(sub.strip().lstrip("%"), times, inside + (name,))
+                            walk(sub.strip().lstrip("%"), times, inside + (name,), unknown)
                 continue
             kind = kind_of(op, rest)
             if kind is None:
                 continue
             out.static += 1
             out.per_run += times
+            out.per_unknown_iteration += times if unknown else 0
             out.by_kind[kind] += times
             out.by_op[op_group(rest, group_depth)] += times
 

@@ -75,3 +75,7 @@ def test_a_scan_compiled_here_counts_its_body_per_trip():
 
     unknown = count_launches(jax.jit(data_dependent).lower(jnp.ones((4,))).compile().as_text())
     assert unknown.unknown_trip_loops == 1 and unknown.per_run == unknown.static
+    assert three.per_unknown_iteration == 0
+    # an iteration of it launches its body and its condition; what runs after the loop does not count
+    after = count_launches(jax.jit(lambda x: jnp.tanh(data_dependent(x)) @ x).lower(jnp.ones((4,))).compile().as_text())
+    assert 1 <= unknown.per_unknown_iteration == after.per_unknown_iteration < after.per_run

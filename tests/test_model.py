@@ -59,8 +59,7 @@ def test_cached_absorbed_decoding_equals_full_forward(name):
         pieces.append(logits)
     cached = jnp.concatenate(pieces, axis=1)
     assert float(jnp.max(jnp.abs(cached - full))) <= 1e-5
-    assert [a.shape for a in cache["ckv"]] == [(2, 32, c.kv_lora_rank)] * c.num_hidden_layers
-    assert [a.shape for a in cache["kpe"]] == [(2, 32, c.qk_rope_head_dim)] * c.num_hidden_layers
+    assert [a.shape for a in cache["latent"]] == [(2, 32, c.kv_lora_rank + c.qk_rope_head_dim)] * c.num_hidden_layers
 
 
 def test_decode_layouts_and_cache_in_the_compute_dtype_change_nothing():

@@ -7,7 +7,10 @@ import numpy as np
 
 from dsjax import model
 from dsjax.config import load_config
-from dsjax.model.moe import balance_loss, bias_update, moe, route
+from dsjax.model.moe import (
+    DECODE_IN, DECODE_OUT, balance_loss, bias_update, combine_weights, decode_weights, moe, moe_decode, route, route_combine,
+    top_k_mask,
+)
 
 NANO = load_config("nano").model
 # 8 experts in 4 groups of 2; 2 groups kept; top-3
@@ -109,3 +112,50 @@ def test_dense_and_sparse_expert_paths_agree(impl):
     g_d, g_r = jax.grad(loss("dense"))(params), jax.grad(loss(impl))(params)
     for a, b in zip(jax.tree.leaves(g_d), jax.tree.leaves(g_r)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_top_k_mask_picks_what_lax_top_k_picks_ties_included():
+    # small integers: many ties, which lax.top_k breaks toward the lower index
+    values = jax.random.randint(jax.random.key(9), (400, 8), 0, 4).astype(jnp.float32)
+    values = values.at[:50, :3].set(-jnp.inf)  # masked entries (dropped groups) tie too
+    for k in (1, 2, 3, 8):
+        _, idx = jax.lax.top_k(values, k)
+        want = np.zeros(values.shape, bool)
+        np.put_along_axis(want, np.asarray(idx), True, axis=-1)
+        np.testing.assert_array_equal(np.asarray(top_k_mask(values, k)), want)
+
+
+@pytest.mark.parametrize("variant", ["grouped", "softmax_ungrouped", "unnormalised"])
+def test_sort_free_routing_equals_route_then_combine(variant):
+    c = {
+        "grouped": GROUPED,
+        "softmax_ungrouped": dataclasses.replace(NANO, scoring_func="softmax", n_group=1, topk_group=1),
+        "unnormalised": dataclasses.replace(GROUPED, norm_topk_prob=False),
+    }[variant]
+    logits = jax.random.normal(jax.random.key(10), (512, 8)) * 2
+    logits = logits.at[:64, 4:].set(logits[:64, :4])  # tied choices across groups in 64 rows
+    half = jax.random.normal(jax.random.key(11), (4,)) * 0.1
+    bias = jnp.concatenate([half, half])
+    idx, gate, _ = route(logits, bias, c)
+    want = combine_weights(idx, gate, 8)
+    got = route_combine(logits, bias, c)
+    np.testing.assert_array_equal(np.asarray(got) != 0, np.asarray(want) != 0)  # the same experts
+    # the gates' normalising sum runs over experts in index order, not top-k order: rounding only
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=0)
+
+
+def test_decoding_moe_equals_the_dense_path_from_plain_and_laid_out_params():
+    c = GROUPED
+    p = model.init(c, jax.random.key(12))["layers"]["2"]["mlp"]
+    x = jax.random.normal(jax.random.key(13), (3, 1, c.hidden_size))
+    want = moe(p, x, c, "dense")[0]
+    np.testing.assert_allclose(np.asarray(moe_decode(p, x, c)), np.asarray(want), rtol=1e-5, atol=1e-6)
+    laid_out = decode_weights(p)
+    E, D, F = p["experts"]["gate_proj"].shape
+    Fs = p["shared_experts"]["gate_proj"]["kernel"].shape[1]
+    assert laid_out[DECODE_IN].shape == (D, E + 2 * Fs + 2 * E * F)
+    assert laid_out[DECODE_OUT].shape == (Fs + E * F, D)
+    np.testing.assert_array_equal(np.asarray(moe_decode(laid_out, x, c)), np.asarray(moe_decode(p, x, c)))
+    # many tokens, or a chosen path: moe's own path
+    many = jax.random.normal(jax.random.key(14), (2, 512, c.hidden_size))
+    np.testing.assert_array_equal(np.asarray(moe_decode(p, many, c)), np.asarray(moe(p, many, c)[0]))

@@ -22,6 +22,14 @@ def swiglu(x, gate_kernel, up_kernel, down_kernel):
     return hidden @ down_kernel.astype(dtype)
 
 
+def swiglu_side_by_side(x, gate_up_kernel, down_kernel):
+    """`swiglu` with the gate and up weights side by side in one [D, 2F] matrix: one product in (decoding)."""
+    dtype = x.dtype
+    gate_up = x @ gate_up_kernel.astype(dtype)
+    F = gate_up.shape[-1] // 2
+    return (jax.nn.silu(gate_up[..., :F]) * gate_up[..., F:]) @ down_kernel.astype(dtype)
+
+
 def rope_cos_sin(c: ModelConfig, positions):
     """cos/sin tables [..., rope/2] for integer positions (any leading shape)."""
     inv_freq = jnp.asarray(rope_inv_freq(c))

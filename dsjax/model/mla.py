@@ -6,9 +6,9 @@ token, plus one rope key `k_pe` of `qk_rope_head_dim` values shared by all heads
 Two paths compute the same function:
 - `attention` (training/prefill): expand the latent to per-head keys and values.
 - `decode_attention` (generation): never expand. The key up-projection is absorbed
-  into the query (q_nope @ W_uk) and the value up-projection is applied after the
-  weighted sum of latents, so the cache holds only `kv_lora_rank + qk_rope_head_dim`
-  values per token per layer.
+  into the query projection (W_q_nope @ W_uk) and the value up-projection into the
+  output projection (W_uv @ W_o), so the cache holds only `kv_lora_rank +
+  qk_rope_head_dim` values per token per layer and attention runs on them directly.
 """
 
 from __future__ import annotations
@@ -66,49 +66,87 @@ def attention(p, x_BTD, cos, sin, c: ModelConfig):
     return jnp.einsum("bhtv,hvd->btd", out_BHTV, p["o_proj"]["kernel"].astype(dtype))
 
 
-ABSORBED_UK, ABSORBED_UV = "absorbed_uk_HKC", "absorbed_uv_HCV"
+DECODE_IN, DECODE_Q, DECODE_OUT = "decode_in_DX", "decode_q_QX", "decode_out_HCD"
 
 
-def absorbed_weights(p, c: ModelConfig):
-    """The attention params `p` plus kv_b_proj's key and value halves laid out head-major for the
-    absorbed decode path ([H, K, C] and [H, C, V]). A decode loop makes them once before it starts
-    (`transformer.with_decode_layouts`): made from [C, H, K+V] in the loop they were copies at
-    every token (4 x 6-8 us of nano's decode step on the 2-core CPU)."""
-    w_kv = p["kv_b_proj"]["kernel"]
-    return {
-        **p,
-        ABSORBED_UK: w_kv[..., : c.qk_nope_head_dim].transpose(1, 2, 0),
-        ABSORBED_UV: w_kv[..., c.qk_nope_head_dim :].transpose(1, 0, 2),
-    }
+def _absorbed_queries(w_XHK, w_uk_HKC, c: ModelConfig):
+    """A query projection [X, H, K + R] with its nope part absorbed into the keys' up-projection:
+    [X, H * (C + R)], each head's latent query then its rope query, the layout the cache is scored in."""
+    nope = c.qk_nope_head_dim
+    X, H, _ = w_XHK.shape
+    latent_XHC = jnp.einsum("xhk,hkc->xhc", w_XHK[..., :nope], w_uk_HKC, precision=jax.lax.Precision.HIGHEST)
+    return jnp.concatenate([latent_XHC, w_XHK[..., nope:]], axis=-1).reshape(X, -1)
 
 
-def decode_attention(p, x_BTD, cos, sin, cache_ckv_BSC, cache_kpe_BSR, start, c: ModelConfig):
+def decode_weights(p, c: ModelConfig):
+    """The attention params `p` plus the three matrices the decode path multiplies by, so a decoded
+    token takes fewer, larger products (what launches kernels on a GPU, not FLOPs, bounds batch-1 decoding):
+
+    - `decode_in_DX`: every projection of the layer's input side by side: the absorbed queries
+      (q_nope @ W_uk per head, then q_pe) and kv_a ([D, H*(C+R) + C+R]); with a q LoRA, q_a and kv_a
+      ([D, Q + C+R]) and `decode_q_QX`, q_b absorbed ([Q, H*(C+R)]);
+    - `decode_out_HCD`: the values' up-projection absorbed into o_proj (W_uv @ W_o per head).
+
+    Products are taken in the params' precision (fp32 master weights) and cast once by the caller.
+    A decode loop makes them once before it starts (`transformer.with_decode_layouts`);
+    `decode_attention` makes them itself from plain params.
+    """
+    nope = c.qk_nope_head_dim
+    w_kv_CHK = p["kv_b_proj"]["kernel"]  # [C, H, nope + V]
+    w_uk_HKC = w_kv_CHK[..., :nope].transpose(1, 2, 0)
+    w_uv_HCV = w_kv_CHK[..., nope:].transpose(1, 0, 2)
+    kv_a_DW = p["kv_a_proj_with_mqa"]["kernel"]
+    out = {**p}
+    if c.q_lora_rank is None:
+        out[DECODE_IN] = jnp.concatenate([_absorbed_queries(p["q_proj"]["kernel"], w_uk_HKC, c), kv_a_DW], axis=1)
+    else:
+        out[DECODE_IN] = jnp.concatenate([p["q_a_proj"]["kernel"], kv_a_DW], axis=1)
+        out[DECODE_Q] = _absorbed_queries(p["q_b_proj"]["kernel"], w_uk_HKC, c)
+    out_HCD = jnp.einsum("hcv,hvd->hcd", w_uv_HCV, p["o_proj"]["kernel"], precision=jax.lax.Precision.HIGHEST)
+    if jax.default_backend() == "cpu":
+        # XLA:CPU copies a slice of the cache before a product (per layer and token: nano decoded ~8% slower
+        # on 2 cores): there attention sums whole cache entries, against zero rows for the rope keys.
+        # A GPU's Triton GEMM reads the slice in place (whole entries cost a transpose kernel there).
+        out_HCD = jnp.pad(out_HCD, ((0, 0), (0, c.qk_rope_head_dim), (0, 0)))
+    out[DECODE_OUT] = out_HCD
+    return out
+
+
+def decode_attention(p, x_BTD, cos, sin, cache_BSW, start, c: ModelConfig):
     """Attention for tokens at positions start..start+T-1 against a latent cache.
 
-    Writes this chunk's latents into the cache at `start` and attends over every
-    cached position <= the query's own. Returns (out_BTD, cache_ckv, cache_kpe).
+    The cache holds per token its normed latent c_kv and its rotated rope key side by side
+    ([B, S, C + R]): one write per layer, and one product scores both parts. Writes this
+    chunk's entries at `start` and attends over every cached position <= the query's own.
+    Returns (out_BTD, cache_BSW).
     """
     dtype = x_BTD.dtype
-    T, S = x_BTD.shape[1], cache_ckv_BSC.shape[1]
-    q_nope, q_pe = _queries(p, x_BTD, c)
-    q_pe = apply_rope(q_pe, cos, sin)
-    ckv_BTC, kpe_BTR = latents(p, x_BTD, cos, sin, c)
-    cache_ckv_BSC = jax.lax.dynamic_update_slice(cache_ckv_BSC, ckv_BTC.astype(cache_ckv_BSC.dtype), (0, start, 0))
-    cache_kpe_BSR = jax.lax.dynamic_update_slice(cache_kpe_BSR, kpe_BTR.astype(cache_kpe_BSR.dtype), (0, start, 0))
-
-    absorbed = p if ABSORBED_UK in p else absorbed_weights(p, c)
-    w_uk_HKC, w_uv_HCV = absorbed[ABSORBED_UK].astype(dtype), absorbed[ABSORBED_UV].astype(dtype)
-    q_latent_BTHC = jnp.einsum("bthk,hkc->bthc", q_nope, w_uk_HKC)
-    ckv = cache_ckv_BSC.astype(dtype)
-    scores_BHTS = (
-        jnp.einsum("bthc,bsc->bhts", q_latent_BTHC, ckv, preferred_element_type=jnp.float32)
-        + jnp.einsum("bthr,bsr->bhts", q_pe, cache_kpe_BSR.astype(dtype), preferred_element_type=jnp.float32)
-    ) * softmax_scale(c)
+    B, T, _ = x_BTD.shape
+    S = cache_BSW.shape[1]
+    H, C = c.num_attention_heads, c.kv_lora_rank
+    w = p if DECODE_IN in p else decode_weights(p, c)
+    proj_BTX = x_BTD @ w[DECODE_IN].astype(dtype)
+    if c.q_lora_rank is None:
+        q_BTX, kv_a = proj_BTX[..., : -(C + c.qk_rope_head_dim)], proj_BTX[..., -(C + c.qk_rope_head_dim) :]
+    else:
+        cq_BTQ = rms_norm(proj_BTX[..., : c.q_lora_rank], p["q_a_layernorm"]["scale"], c.rms_norm_eps)
+        q_BTX, kv_a = cq_BTQ @ w[DECODE_Q].astype(dtype), proj_BTX[..., c.q_lora_rank :]
+    q_BTHW = q_BTX.reshape(B, T, H, -1)
+    q_BTHW = jnp.concatenate([q_BTHW[..., :C], apply_rope(q_BTHW[..., C:], cos, sin)], axis=-1)
+    entry_BTW = jnp.concatenate(
+        [rms_norm(kv_a[..., :C], p["kv_a_layernorm"]["scale"], c.rms_norm_eps), apply_rope(kv_a[..., C:], cos, sin)],
+        axis=-1,
+    )
+    cache_BSW = jax.lax.dynamic_update_slice(cache_BSW, entry_BTW.astype(cache_BSW.dtype), (0, start, 0))
+    keys_BSW = cache_BSW.astype(dtype)
+    scores_BHTS = jnp.einsum("bthw,bsw->bhts", q_BTHW, keys_BSW, preferred_element_type=jnp.float32) * softmax_scale(c)
     query_pos_T = start + jnp.arange(T)
     visible_TS = jnp.arange(S)[None, :] <= query_pos_T[:, None]
     scores_BHTS = jnp.where(visible_TS, scores_BHTS, -jnp.inf)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
-    out_latent_BTHC = jnp.einsum("bhts,bsc->bthc", probs_BHTS, ckv)
-    out_BTHV = jnp.einsum("bthc,hcv->bthv", out_latent_BTHC, w_uv_HCV)
-    out_BTD = jnp.einsum("bthv,hvd->btd", out_BTHV, p["o_proj"]["kernel"].astype(dtype))
-    return out_BTD, cache_ckv_BSC, cache_kpe_BSR
+    out_HWD = w[DECODE_OUT]  # [H, C, D], or [H, C + R, D] with zero rows for the rope keys (decode_weights)
+    values_BSW = keys_BSW if out_HWD.shape[1] == keys_BSW.shape[-1] else keys_BSW[..., :C]
+    # (with the letters bsw->bthw XLA:GPU adds a transpose: 9 more kernels per token for `small`)
+    out_latent_BTHC = jnp.einsum("bhts,bsc->bthc", probs_BHTS, values_BSW)
+    out_BTD = jnp.einsum("bthc,hcd->btd", out_latent_BTHC, out_HWD.astype(dtype))
+    return out_BTD, cache_BSW

@@ -72,20 +72,10 @@ def combine_weights(expert_idx_TK, gate_TK, E: int):
     return jnp.sum(jax.nn.one_hot(expert_idx_TK, E, dtype=jnp.float32) * gate_TK[..., None], axis=1)
 
 
-WIDE_GATE, WIDE_UP = "wide_gate_DX", "wide_up_DX"
-
-
 def wide_expert_weights(experts):
-    """`experts` plus its gate and up weights as [D, E*F] matrices, the layout experts_masked
-    multiplies by. A decode loop makes them once before it starts (`transformer.with_decode_layouts`):
-    inside `lax.while_loop` XLA:CPU remade the transposed copies for every token (6 x 16 us of
-    nano's 410 us per token on the 2-core CPU)."""
+    """The experts' gate and up weights as [D, E*F] matrices, the layout experts_masked multiplies by."""
     E, D, F = experts["gate_proj"].shape
-    return {
-        **experts,
-        WIDE_GATE: experts["gate_proj"].transpose(1, 0, 2).reshape(D, E * F),
-        WIDE_UP: experts["up_proj"].transpose(1, 0, 2).reshape(D, E * F),
-    }
+    return experts["gate_proj"].transpose(1, 0, 2).reshape(D, E * F), experts["up_proj"].transpose(1, 0, 2).reshape(D, E * F)
 
 
 def experts_masked(experts, x_TD, combine_TE):
@@ -93,8 +83,7 @@ def experts_masked(experts, x_TD, combine_TE):
     # per-expert einsum, and for few experts faster than computing only the chosen ones.
     dtype = x_TD.dtype
     E, D, F = experts["gate_proj"].shape
-    wide = experts if WIDE_GATE in experts else wide_expert_weights(experts)
-    gate_DX, up_DX = wide[WIDE_GATE].astype(dtype), wide[WIDE_UP].astype(dtype)
+    gate_DX, up_DX = (w.astype(dtype) for w in wide_expert_weights(experts))
     hidden_TX = jax.nn.silu(x_TD @ gate_DX) * (x_TD @ up_DX)
     hidden_TX = (hidden_TX.reshape(-1, E, F) * combine_TE.astype(dtype)[..., None]).reshape(-1, E * F)
     return hidden_TX @ experts["down_proj"].astype(dtype).reshape(E * F, D)
@@ -211,6 +200,88 @@ def moe(p, x_BTD, c: ModelConfig, impl: str = "auto"):
     aux_loss = balance_loss(scores_TE.reshape(B, T, E), expert_idx_TK.reshape(B, T, K), c)
     load_E = jnp.bincount(expert_idx_TK.reshape(-1), length=E).astype(jnp.float32) / (B * T * K)
     return out_TD.reshape(B, T, D), aux_loss, load_E
+
+
+# --- decoding a few tokens ------------------------------------------------------------
+
+DECODE_IN, DECODE_OUT = "decode_in_DX", "decode_out_XD"
+
+
+def top_k_mask(values_TN, k: int):
+    """[T, N] bool: each row's k largest values, ties to the lower index: the entries `lax.top_k` picks.
+
+    Ranks by pairwise comparison ([T, N, N]), for the few experts or groups of a router: where
+    `lax.top_k` is a kernel of its own on a GPU (three per MoE layer and token when decoding),
+    this fuses with the ops around it.
+    """
+    N = values_TN.shape[-1]
+    above_TNN = values_TN[..., None, :] > values_TN[..., :, None]  # [t, i, j]: j beats i
+    tied_before_TNN = (values_TN[..., None, :] == values_TN[..., :, None]) & (jnp.arange(N)[None, :] < jnp.arange(N)[:, None])
+    rank_TN = jnp.sum(above_TNN | tied_before_TNN, axis=-1)
+    return rank_TN < k
+
+
+def route_combine(logits_TE, bias_E, c: ModelConfig):
+    """`combine_weights(*route(...)[:2])` without a sort: the same experts (ties as `lax.top_k`) and gates."""
+    scores_TE = jax.nn.sigmoid(logits_TE) if c.scoring_func == "sigmoid" else jax.nn.softmax(logits_TE, axis=-1)
+    choice_TE = scores_TE + bias_E
+    T, E = choice_TE.shape
+    if c.n_group > 1:
+        grouped_TGe = choice_TE.reshape(T, c.n_group, E // c.n_group)
+        group_score_TG = jnp.sum(jnp.where(top_k_mask(grouped_TGe, 2), grouped_TGe, 0.0), axis=-1)
+        keep_TE = jnp.repeat(top_k_mask(group_score_TG, c.topk_group), E // c.n_group, axis=1)
+        choice_TE = jnp.where(keep_TE, choice_TE, -jnp.inf)
+    gate_TE = jnp.where(top_k_mask(choice_TE, c.num_experts_per_tok), scores_TE, 0.0)
+    if c.norm_topk_prob:
+        gate_TE = gate_TE / (gate_TE.sum(-1, keepdims=True) + 1e-20)
+    return gate_TE * c.routed_scaling_factor
+
+
+def decode_weights(p):
+    """The MoE params `p` plus two matrices, so a decoded token takes one product in and one out:
+    `decode_in_DX`, the router, the shared experts' gate and up and every routed expert's gate and
+    up side by side ([D, E + 2*Fs + 2*E*F]), and `decode_out_XD`, the shared and routed down
+    projections stacked ([Fs + E*F, D]). `transformer.with_decode_layouts` makes them once per
+    sampling call; `moe_decode` makes them itself from plain params."""
+    experts = p["experts"]
+    E, D, F = experts["gate_proj"].shape
+    ins, outs = [p["gate"]["kernel"]], []
+    if "shared_experts" in p:
+        s = p["shared_experts"]
+        ins += [s["gate_proj"]["kernel"], s["up_proj"]["kernel"]]
+        outs.append(s["down_proj"]["kernel"])
+    ins += list(wide_expert_weights(experts))
+    outs.append(experts["down_proj"].reshape(E * F, D))
+    return {**p, DECODE_IN: jnp.concatenate(ins, axis=1), DECODE_OUT: jnp.concatenate(outs, axis=0)}
+
+
+def moe_decode(p, x_BTD, c: ModelConfig, impl: str = "auto"):
+    """`moe`'s output for a few tokens (decoding), every expert computed and masked as `dense` does,
+    with one product into the layer and one out of it (`decode_weights`) and routing without sorts.
+
+    Where `moe` would take another path (many tokens, a chosen `moe_impl`, expert parallelism),
+    it is `moe`.
+    """
+    B, T, D = x_BTD.shape
+    if ep_size() > 1 or resolve_impl(impl, c, B * T) != "dense":
+        return moe(p, x_BTD, c, impl)[0]
+    dtype = x_BTD.dtype
+    E, _, F = p["experts"]["gate_proj"].shape
+    w = p if DECODE_IN in p else decode_weights(p)
+    proj_TX = jnp.dot(x_BTD.reshape(B * T, D), w[DECODE_IN].astype(dtype), preferred_element_type=jnp.float32)
+    combine_TE = route_combine(proj_TX[:, :E], p["gate"]["e_score_correction_bias"], c)
+    hidden = []
+    at = E
+    if "shared_experts" in p:
+        Fs = p["shared_experts"]["gate_proj"]["kernel"].shape[1]
+        gate_TF, up_TF = proj_TX[:, at : at + Fs].astype(dtype), proj_TX[:, at + Fs : at + 2 * Fs].astype(dtype)
+        hidden.append(jax.nn.silu(gate_TF) * up_TF)
+        at += 2 * Fs
+    gate_TX, up_TX = proj_TX[:, at : at + E * F].astype(dtype), proj_TX[:, at + E * F :].astype(dtype)
+    routed_TEF = (jax.nn.silu(gate_TX) * up_TX).reshape(-1, E, F) * combine_TE.astype(dtype)[..., None]
+    hidden.append(routed_TEF.reshape(-1, E * F))
+    out_TD = jnp.concatenate(hidden, axis=-1) @ w[DECODE_OUT].astype(dtype)
+    return out_TD.reshape(B, T, D)
 
 
 def bias_update(bias_E, load_E, speed: float):

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig, resolve_compute_dtype
 from dsjax.model import mla
-from dsjax.model.layers import rms_norm, rope_cos_sin, swiglu
-from dsjax.model.moe import bias_update, moe, wide_expert_weights
+from dsjax.model.layers import rms_norm, rope_cos_sin, swiglu, swiglu_side_by_side
+from dsjax.model.moe import bias_update, moe, moe_decode
+from dsjax.model.moe import decode_weights as moe_decode_weights
 from meshes import pipeline
 from meshes.rules import constrain
 
@@ -237,7 +238,8 @@ def apply_bias_updates(params, expert_load, c: ModelConfig, with_mtp: bool = Tru
 
 
 def init_cache(c: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, tuple[jax.Array, ...]]:
-    """Latent cache: per layer, kv_lora_rank + qk_rope_head_dim values per token.
+    """Latent cache: per layer, each token's kv_lora_rank latent then its qk_rope_head_dim rope key
+    (`mla.decode_attention`), one [batch, max_len, kv_lora_rank + qk_rope_head_dim] array.
 
     One array per layer (not one stacked [L, ...] array): each step then writes its token
     into each layer's buffer in place; a stacked cache was sliced and re-stacked (copied)
@@ -247,31 +249,45 @@ def init_cache(c: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str
     per token on an H200 target, `benchmarks/gpu_kernels.py`-style count).
     """
     dtype = compute_dtype(c) if dtype is None else dtype
-    L = c.num_hidden_layers
-    return {
-        "ckv": tuple(jnp.zeros((batch, max_len, c.kv_lora_rank), dtype) for _ in range(L)),
-        "kpe": tuple(jnp.zeros((batch, max_len, c.qk_rope_head_dim), dtype) for _ in range(L)),
-    }
+    width = c.kv_lora_rank + c.qk_rope_head_dim
+    return {"latent": tuple(jnp.zeros((batch, max_len, width), dtype) for _ in range(c.num_hidden_layers))}
+
+
+DECODE_GATE_UP = "decode_gate_up_DX"
+
+
+def _decode_mlp_weights(p):
+    """A dense SwiGLU's params plus its gate and up weights side by side ([D, 2F])."""
+    return {**p, DECODE_GATE_UP: jnp.concatenate([p["gate_proj"]["kernel"], p["up_proj"]["kernel"]], axis=1)}
+
+
+def _decode_feed_forward(p, h_BTD, c: ModelConfig, moe_impl: str):
+    if "gate" in p:
+        return moe_decode(p, h_BTD, c, moe_impl)
+    w = p if DECODE_GATE_UP in p else _decode_mlp_weights(p)
+    return swiglu_side_by_side(h_BTD, w[DECODE_GATE_UP], p["down_proj"]["kernel"])
 
 
 def with_decode_layouts(params, c: ModelConfig):
-    """params with each MoE layer's experts also as [D, E*F] matrices (`moe.wide_expert_weights`)
-    and each attention's absorbed key and value weights head-major (`mla.absorbed_weights`),
-    every weight matrix in the compute dtype.
+    """params plus the side-by-side and absorbed matrices the decode path multiplies by, every
+    weight matrix in the compute dtype: each attention's (`mla.decode_weights`), each MoE layer's
+    (`moe.decode_weights`) and each dense MLP's gate and up.
 
-    A sampler calls this once before decoding (`infer.sampler`), so the transposed copies and
-    the casts are made once, not at every token (XLA kept the casts inside the decode loop:
-    7 kernels per token for `tiny` on an H200 target, and each token read fp32 weights);
-    `decode_step` takes either form and computes the same thing: every use of a matrix
-    casts it to the compute dtype first. Norm scales and routing biases (1-D) stay fp32.
+    Decoding a token of a small model is bound by the number of kernels it launches on a GPU,
+    not by FLOPs: side by side, the projections that read the same input are one product
+    (`tiny`: 158 -> 1xx kernels per token on an H200 target, `benchmarks/gpu_kernels.py`-style count).
+    A sampler calls this once before decoding (`infer.sampler`), so the copies, products and
+    casts are made once, not at every token (XLA kept the casts inside the decode loop: 7
+    kernels per token for `tiny`, and each token read fp32 weights); `decode_step` takes
+    either form and computes the same thing: it makes the matrices itself from plain params,
+    and every use of a matrix casts it to the compute dtype first. Norm scales and routing
+    biases (1-D) stay fp32.
     """
     dtype = compute_dtype(c)
     layers = {}
     for name, p in params["layers"].items():
-        p = {**p, "self_attn": mla.absorbed_weights(p["self_attn"], c)}
-        if "experts" in p["mlp"]:
-            p = {**p, "mlp": {**p["mlp"], "experts": wide_expert_weights(p["mlp"]["experts"])}}
-        layers[name] = p
+        mlp = moe_decode_weights(p["mlp"]) if "gate" in p["mlp"] else _decode_mlp_weights(p["mlp"])
+        layers[name] = {**p, "self_attn": mla.decode_weights(p["self_attn"], c), "mlp": mlp}
     cast = lambda a: a.astype(dtype) if a.ndim >= 2 and jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
     return jax.tree.map(cast, {**params, "layers": layers})
 
@@ -282,15 +298,14 @@ def decode_step(params, tokens_BT, cache, start, c: ModelConfig, *, moe_impl: st
     B, T = tokens_BT.shape
     cos, sin = rope_cos_sin(c, (start + jnp.arange(T))[None, :])
     x_BTD = embed(params, tokens_BT, dtype)
-    new_ckv, new_kpe = [], []
+    new_cache = []
     for i, name in enumerate(layer_names(params)):
         p = params["layers"][name]
         h = rms_norm(x_BTD, p["input_layernorm"]["scale"], c.rms_norm_eps)
-        attn, ckv, kpe = mla.decode_attention(p["self_attn"], h, cos, sin, cache["ckv"][i], cache["kpe"][i], start, c)
-        new_ckv.append(ckv)
-        new_kpe.append(kpe)
+        attn, latent = mla.decode_attention(p["self_attn"], h, cos, sin, cache["latent"][i], start, c)
+        new_cache.append(latent)
         x_BTD = x_BTD + attn
         h = rms_norm(x_BTD, p["post_attention_layernorm"]["scale"], c.rms_norm_eps)
-        x_BTD = x_BTD + _feed_forward(p["mlp"], h, c, moe_impl)[0]
+        x_BTD = x_BTD + _decode_feed_forward(p["mlp"], h, c, moe_impl)
     logits_BTV = logits_from_hidden(params, x_BTD, params["norm"]["scale"], c)
-    return logits_BTV, {"ckv": tuple(new_ckv), "kpe": tuple(new_kpe)}
+    return logits_BTV, {"latent": tuple(new_cache)}
