@@ -80,8 +80,11 @@ def categorical_by_cdf(rng, logits_BV):
     logit: that costs one random number per vocabulary entry per token (threefry on CPU:
     about half of nano's decode step, BENCHMARKS.md); this costs one per row.
     """
-    probs_BV = jax.nn.softmax(logits_BV.astype(jnp.float32), axis=-1)  # -inf (filtered) -> exactly 0
-    cdf_BV = jnp.cumsum(probs_BV, axis=-1)
+    logits_BV = logits_BV.astype(jnp.float32)
+    # unnormalised: the draw compares against u times the total, so no division (and no sum: the total is
+    # the cumulative sum's last entry); exp(-inf) (filtered) is exactly 0
+    weights_BV = jnp.exp(logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True))
+    cdf_BV = jnp.cumsum(weights_BV, axis=-1)
     # u in [tiny, 1): u * total > 0, so a leading zero-probability token is never drawn
     u_B1 = jax.random.uniform(rng, (logits_BV.shape[0], 1), minval=jnp.finfo(jnp.float32).tiny)
     drawn_B = jnp.sum(cdf_BV < u_B1 * cdf_BV[:, -1:], axis=-1)
