@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dsjax import model
+from dsjax.model import mla
 from dsjax.config import YarnConfig, load_config
 
 NANO = load_config("nano", overrides={"model": {"num_nextn_predict_layers": 1}}).model  # MTP on: the preset has none
@@ -43,15 +44,17 @@ def test_causality(nano_params):
     assert not np.allclose(np.asarray(a[:, 20:]), np.asarray(b[:, 20:]))
 
 
+@pytest.mark.parametrize("layout", ["split", "fused"])
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_cached_absorbed_decoding_equals_full_forward(name):
+def test_cached_absorbed_decoding_equals_full_forward(name, layout):
+    """Both cache layouts (`mla.decode_layout`: split on CPU, fused on GPU), each from plain params."""
     c = VARIANTS[name]
     params = model.init(c, jax.random.key(2))
     T = 24
     tokens = jax.random.randint(jax.random.key(3), (2, T), 0, c.vocab_size)
     full, _ = jax.jit(lambda p, x: model.forward(p, x, c))(params, tokens)
     step = jax.jit(lambda p, x, cache, start: model.decode_step(p, x, cache, start, c))
-    cache = model.init_cache(c, batch=2, max_len=32)
+    cache = model.init_cache(c, batch=2, max_len=32, layout=layout)
     prefill, cache = step(params, tokens[:, :10], cache, 0)
     pieces = [prefill]
     for t in range(10, T):
@@ -59,32 +62,48 @@ def test_cached_absorbed_decoding_equals_full_forward(name):
         pieces.append(logits)
     cached = jnp.concatenate(pieces, axis=1)
     assert float(jnp.max(jnp.abs(cached - full))) <= 1e-5
-    assert [a.shape for a in cache["latent"]] == [(2, 32, c.kv_lora_rank + c.qk_rope_head_dim)] * c.num_hidden_layers
+    C, R, L = c.kv_lora_rank, c.qk_rope_head_dim, c.num_hidden_layers
+    if layout == "fused":
+        assert [a.shape for a in cache["latent"]] == [(2, 32, C + R)] * L
+    else:
+        assert [a.shape for a in cache["ckv"]] == [(2, 32, C)] * L and [a.shape for a in cache["kpe"]] == [(2, 32, R)] * L
 
 
-def test_decode_layouts_and_cache_in_the_compute_dtype_change_nothing():
-    """bf16 compute: the decode layouts (absorbed, wide experts, matrices cast once) and the bf16 cache give
-    bit for bit the logits and latents of the fp32 params with an fp32 cache, token after token."""
+@pytest.mark.parametrize("layout", ["split", "fused"])
+def test_decode_layouts_and_the_cache_in_the_compute_dtype(layout):
+    """bf16 compute, token after token. The bf16 cache gives bit for bit the logits and latents of an fp32
+    cache. The decode layouts are the decode path's matrices made once and cast once, bit for bit; decoding
+    with them gives the plain params' logits to bf16's resolution: from fp32 params XLA may drop a cast to
+    bf16 and back (its default excess precision) and multiply by the fp32 weight, so bit for bit held for
+    some layouts and not others."""
     c = dataclasses.replace(NANO, compute_dtype="bfloat16", max_position_embeddings=32, num_hidden_layers=2,
                             num_nextn_predict_layers=0, vocab_size=512)  # one dense and one MoE layer: enough
     params = model.init(c, jax.random.key(4))
     tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, c.vocab_size)
     step = jax.jit(lambda p, x, cache, start: model.decode_step(p, x, cache, start, c))  # one token a call: one compile
-    laid_out = jax.jit(model.with_decode_layouts, static_argnums=1)(params, c)
+    laid_out = jax.jit(model.with_decode_layouts, static_argnums=(1, 2))(params, c, layout)
     assert {a.dtype for a in jax.tree.leaves(laid_out) if a.ndim >= 2} == {jnp.dtype(jnp.bfloat16)}
-    runs = []
-    for p, cache_dtype in ((params, jnp.float32), (laid_out, None)):
-        cache = model.init_cache(c, batch=2, max_len=32, dtype=cache_dtype)
+    attention = laid_out["layers"]["0"]["self_attn"]
+    made_here = jax.jit(lambda p: mla.decode_weights(p, c, layout))(params["layers"]["0"]["self_attn"])
+    for key in (mla.DECODE_IN, mla.DECODE_OUT if layout == "fused" else mla.DECODE_UV):
+        np.testing.assert_array_equal(np.asarray(attention[key]), np.asarray(made_here[key].astype(jnp.bfloat16)))
+
+    def run(p, cache_dtype):
+        cache = model.init_cache(c, batch=2, max_len=32, dtype=cache_dtype, layout=layout)
         pieces = []
         for t in range(8):
             logits, cache = step(p, tokens[:, t : t + 1], cache, t)
             pieces.append(logits)
-        runs.append((jnp.concatenate(pieces, axis=1), cache))
-    (want, fp32_cache), (got, bf16_cache) = runs
+        return jnp.concatenate(pieces, axis=1), cache
+
+    (want, fp32_cache), (got, bf16_cache) = run(params, jnp.float32), run(params, None)
     assert {a.dtype for a in jax.tree.leaves(bf16_cache)} == {jnp.dtype(jnp.bfloat16)}  # the default: compute dtype
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     for a, b in zip(jax.tree.leaves(bf16_cache), jax.tree.leaves(fp32_cache)):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b))
+    laid_out_logits, _ = run(laid_out, None)
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(np.asarray(laid_out_logits), np.asarray(want), rtol=0, atol=2**-8 * scale)
 
 
 @pytest.mark.parametrize("size", ["nano", "tiny", "small", "medium"])

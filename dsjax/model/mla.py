@@ -66,31 +66,46 @@ def attention(p, x_BTD, cos, sin, c: ModelConfig):
     return jnp.einsum("bhtv,hvd->btd", out_BHTV, p["o_proj"]["kernel"].astype(dtype))
 
 
-DECODE_IN, DECODE_Q, DECODE_OUT = "decode_in_DX", "decode_q_QX", "decode_out_HCD"
+DECODE_IN, DECODE_Q, DECODE_OUT, DECODE_UV = "decode_in_DX", "decode_q_QX", "decode_out_HCD", "decode_uv_HCV"
+
+
+def decode_layout() -> str:
+    """How decoding holds its cache and multiplies out of it, by backend.
+
+    - "fused" (GPU): per layer one buffer of [latent | rope key] entries, written once and scored by one
+      product, and the values' up-projection absorbed into o_proj: batch-1 decoding is bound by the
+      kernels it launches, and this takes 3 fewer per layer and token;
+    - "split" (CPU): the latents and rope keys in two buffers, and W_uv then o_proj: there FLOPs and
+      bytes count, and XLA:CPU copies a slice of a fused buffer before multiplying by it (512 rows of
+      `nano` sampled about 12% slower with the fused layout on 2 cores).
+    """
+    return "split" if jax.default_backend() == "cpu" else "fused"
 
 
 def _absorbed_queries(w_XHK, w_uk_HKC, c: ModelConfig):
     """A query projection [X, H, K + R] with its nope part absorbed into the keys' up-projection:
-    [X, H * (C + R)], each head's latent query then its rope query, the layout the cache is scored in."""
+    [X, H * (C + R)], each head's latent query then its rope query."""
     nope = c.qk_nope_head_dim
     X, H, _ = w_XHK.shape
     latent_XHC = jnp.einsum("xhk,hkc->xhc", w_XHK[..., :nope], w_uk_HKC, precision=jax.lax.Precision.HIGHEST)
     return jnp.concatenate([latent_XHC, w_XHK[..., nope:]], axis=-1).reshape(X, -1)
 
 
-def decode_weights(p, c: ModelConfig):
-    """The attention params `p` plus the three matrices the decode path multiplies by, so a decoded
-    token takes fewer, larger products (what launches kernels on a GPU, not FLOPs, bounds batch-1 decoding):
+def decode_weights(p, c: ModelConfig, layout: str | None = None):
+    """The attention params `p` plus the matrices the decode path multiplies by, so a decoded token
+    takes fewer, larger products (what launches kernels on a GPU, not FLOPs, bounds batch-1 decoding):
 
     - `decode_in_DX`: every projection of the layer's input side by side: the absorbed queries
       (q_nope @ W_uk per head, then q_pe) and kv_a ([D, H*(C+R) + C+R]); with a q LoRA, q_a and kv_a
       ([D, Q + C+R]) and `decode_q_QX`, q_b absorbed ([Q, H*(C+R)]);
-    - `decode_out_HCD`: the values' up-projection absorbed into o_proj (W_uv @ W_o per head).
+    - layout "fused": `decode_out_HCD`, the values' up-projection absorbed into o_proj (W_uv @ W_o per
+      head); "split": `decode_uv_HCV`, the values' up-projection head-major (`decode_layout`).
 
     Products are taken in the params' precision (fp32 master weights) and cast once by the caller.
     A decode loop makes them once before it starts (`transformer.with_decode_layouts`);
     `decode_attention` makes them itself from plain params.
     """
+    layout = layout or decode_layout()
     nope = c.qk_nope_head_dim
     w_kv_CHK = p["kv_b_proj"]["kernel"]  # [C, H, nope + V]
     w_uk_HKC = w_kv_CHK[..., :nope].transpose(1, 2, 0)
@@ -102,29 +117,26 @@ def decode_weights(p, c: ModelConfig):
     else:
         out[DECODE_IN] = jnp.concatenate([p["q_a_proj"]["kernel"], kv_a_DW], axis=1)
         out[DECODE_Q] = _absorbed_queries(p["q_b_proj"]["kernel"], w_uk_HKC, c)
-    out_HCD = jnp.einsum("hcv,hvd->hcd", w_uv_HCV, p["o_proj"]["kernel"], precision=jax.lax.Precision.HIGHEST)
-    if jax.default_backend() == "cpu":
-        # XLA:CPU copies a slice of the cache before a product (per layer and token: nano decoded ~8% slower
-        # on 2 cores): there attention sums whole cache entries, against zero rows for the rope keys.
-        # A GPU's Triton GEMM reads the slice in place (whole entries cost a transpose kernel there).
-        out_HCD = jnp.pad(out_HCD, ((0, 0), (0, c.qk_rope_head_dim), (0, 0)))
-    out[DECODE_OUT] = out_HCD
+    if layout == "fused":
+        out[DECODE_OUT] = jnp.einsum("hcv,hvd->hcd", w_uv_HCV, p["o_proj"]["kernel"], precision=jax.lax.Precision.HIGHEST)
+    else:
+        out[DECODE_UV] = w_uv_HCV
     return out
 
 
-def decode_attention(p, x_BTD, cos, sin, cache_BSW, start, c: ModelConfig):
-    """Attention for tokens at positions start..start+T-1 against a latent cache.
+def decode_attention(p, x_BTD, cos, sin, cache, start, c: ModelConfig):
+    """Attention for tokens at positions start..start+T-1 against a layer's latent cache.
 
-    The cache holds per token its normed latent c_kv and its rotated rope key side by side
-    ([B, S, C + R]): one write per layer, and one product scores both parts. Writes this
-    chunk's entries at `start` and attends over every cached position <= the query's own.
-    Returns (out_BTD, cache_BSW).
+    `cache` is one [B, S, C + R] buffer of [normed latent c_kv | rotated rope key] entries (layout
+    "fused") or the pair ([B, S, C], [B, S, R]) ("split"; `decode_layout`). Writes this chunk's
+    entries at `start` and attends over every cached position <= the query's own.
+    Returns (out_BTD, cache).
     """
     dtype = x_BTD.dtype
     B, T, _ = x_BTD.shape
-    S = cache_BSW.shape[1]
     H, C = c.num_attention_heads, c.kv_lora_rank
-    w = p if DECODE_IN in p else decode_weights(p, c)
+    fused = not isinstance(cache, tuple)
+    w = p if DECODE_IN in p and (DECODE_OUT if fused else DECODE_UV) in p else decode_weights(p, c, "fused" if fused else "split")
     proj_BTX = x_BTD @ w[DECODE_IN].astype(dtype)
     if c.q_lora_rank is None:
         q_BTX, kv_a = proj_BTX[..., : -(C + c.qk_rope_head_dim)], proj_BTX[..., -(C + c.qk_rope_head_dim) :]
@@ -132,25 +144,32 @@ def decode_attention(p, x_BTD, cos, sin, cache_BSW, start, c: ModelConfig):
         cq_BTQ = rms_norm(proj_BTX[..., : c.q_lora_rank], p["q_a_layernorm"]["scale"], c.rms_norm_eps)
         q_BTX, kv_a = cq_BTQ @ w[DECODE_Q].astype(dtype), proj_BTX[..., c.q_lora_rank :]
     q_BTHW = q_BTX.reshape(B, T, H, -1)
-    q_BTHW = jnp.concatenate([q_BTHW[..., :C], apply_rope(q_BTHW[..., C:], cos, sin)], axis=-1)
-    entry_BTW = jnp.concatenate(
-        [rms_norm(kv_a[..., :C], p["kv_a_layernorm"]["scale"], c.rms_norm_eps), apply_rope(kv_a[..., C:], cos, sin)],
-        axis=-1,
-    )
-    cache_BSW = jax.lax.dynamic_update_slice(cache_BSW, entry_BTW.astype(cache_BSW.dtype), (0, start, 0))
-    keys_BSW = cache_BSW.astype(dtype)
-    scores_BHTS = jnp.einsum("bthw,bsw->bhts", q_BTHW, keys_BSW, preferred_element_type=jnp.float32) * softmax_scale(c)
-    query_pos_T = start + jnp.arange(T)
-    visible_TS = jnp.arange(S)[None, :] <= query_pos_T[:, None]
-    scores_BHTS = jnp.where(visible_TS, scores_BHTS, -jnp.inf)
+    q_latent_BTHC, q_pe_BTHR = q_BTHW[..., :C], apply_rope(q_BTHW[..., C:], cos, sin)
+    ckv_BTC = rms_norm(kv_a[..., :C], p["kv_a_layernorm"]["scale"], c.rms_norm_eps)
+    kpe_BTR = apply_rope(kv_a[..., C:], cos, sin)
+    write = lambda buffer, new: jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, start, 0))  # noqa: E731
+    if fused:
+        cache = write(cache, jnp.concatenate([ckv_BTC, kpe_BTR], axis=-1))
+        keys_BSW = cache.astype(dtype)
+        scores_BHTS = jnp.einsum("bthw,bsw->bhts", jnp.concatenate([q_latent_BTHC, q_pe_BTHR], axis=-1), keys_BSW,
+                                 preferred_element_type=jnp.float32)
+        ckv_BSC = keys_BSW[..., :C]  # Triton GEMMs read the slice in place
+    else:
+        cache = (write(cache[0], ckv_BTC), write(cache[1], kpe_BTR))
+        ckv_BSC, kpe_BSR = (buffer.astype(dtype) for buffer in cache)
+        scores_BHTS = (jnp.einsum("bthc,bsc->bhts", q_latent_BTHC, ckv_BSC, preferred_element_type=jnp.float32)
+                       + jnp.einsum("bthr,bsr->bhts", q_pe_BTHR, kpe_BSR, preferred_element_type=jnp.float32))
+    S = ckv_BSC.shape[1]
+    visible_TS = jnp.arange(S)[None, :] <= (start + jnp.arange(T))[:, None]
+    scores_BHTS = jnp.where(visible_TS, scores_BHTS * softmax_scale(c), -jnp.inf)
     # the softmax's division comes after the values' weighted sum, on [H, C] instead of [H, S]
     # (one kernel fewer per layer and token on a GPU: the weights go to the product as they are made)
     weights_BHTS = jnp.exp(scores_BHTS - jnp.max(scores_BHTS, axis=-1, keepdims=True))
     total_BTH1 = jnp.sum(weights_BHTS, axis=-1).transpose(0, 2, 1)[..., None]
-    out_HWD = w[DECODE_OUT]  # [H, C, D], or [H, C + R, D] with zero rows for the rope keys (decode_weights)
-    values_BSW = keys_BSW if out_HWD.shape[1] == keys_BSW.shape[-1] else keys_BSW[..., :C]
     # (with the letters bsw->bthw XLA:GPU adds a transpose: 9 more kernels per token for `small`)
-    out_latent_BTHC = jnp.einsum("bhts,bsc->bthc", weights_BHTS.astype(dtype), values_BSW)
+    out_latent_BTHC = jnp.einsum("bhts,bsc->bthc", weights_BHTS.astype(dtype), ckv_BSC)
     out_latent_BTHC = (out_latent_BTHC / total_BTH1).astype(dtype)
-    out_BTD = jnp.einsum("bthc,hcd->btd", out_latent_BTHC, out_HWD.astype(dtype))
-    return out_BTD, cache_BSW
+    if fused:
+        return jnp.einsum("bthc,hcd->btd", out_latent_BTHC, w[DECODE_OUT].astype(dtype)), cache
+    out_BTHV = jnp.einsum("bthc,hcv->bthv", out_latent_BTHC, w[DECODE_UV].astype(dtype))
+    return jnp.einsum("bthv,hvd->btd", out_BTHV, p["o_proj"]["kernel"].astype(dtype)), cache

@@ -237,9 +237,10 @@ def apply_bias_updates(params, expert_load, c: ModelConfig, with_mtp: bool = Tru
 # --- cached decoding -----------------------------------------------------------------
 
 
-def init_cache(c: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, tuple[jax.Array, ...]]:
-    """Latent cache: per layer, each token's kv_lora_rank latent then its qk_rope_head_dim rope key
-    (`mla.decode_attention`), one [batch, max_len, kv_lora_rank + qk_rope_head_dim] array.
+def init_cache(c: ModelConfig, batch: int, max_len: int, dtype=None, layout: str | None = None) -> dict[str, tuple]:
+    """Latent cache of `mla.decode_attention`, per layer: layout "fused" (GPU) one [batch, max_len,
+    kv_lora_rank + qk_rope_head_dim] buffer of [latent | rope key] entries ({"latent": per layer});
+    "split" (CPU) a latent and a rope-key buffer ({"ckv": ..., "kpe": ...}). `mla.decode_layout` says why.
 
     One array per layer (not one stacked [L, ...] array): each step then writes its token
     into each layer's buffer in place; a stacked cache was sliced and re-stacked (copied)
@@ -249,8 +250,11 @@ def init_cache(c: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str
     per token on an H200 target, `benchmarks/gpu_kernels.py`-style count).
     """
     dtype = compute_dtype(c) if dtype is None else dtype
-    width = c.kv_lora_rank + c.qk_rope_head_dim
-    return {"latent": tuple(jnp.zeros((batch, max_len, width), dtype) for _ in range(c.num_hidden_layers))}
+    L, C, R = c.num_hidden_layers, c.kv_lora_rank, c.qk_rope_head_dim
+    zeros = lambda width: tuple(jnp.zeros((batch, max_len, width), dtype) for _ in range(L))  # noqa: E731
+    if (layout or mla.decode_layout()) == "fused":
+        return {"latent": zeros(C + R)}
+    return {"ckv": zeros(C), "kpe": zeros(R)}
 
 
 DECODE_GATE_UP = "decode_gate_up_DX"
@@ -268,15 +272,15 @@ def _decode_feed_forward(p, h_BTD, c: ModelConfig, moe_impl: str):
     return swiglu_side_by_side(h_BTD, w[DECODE_GATE_UP], p["down_proj"]["kernel"])
 
 
-def with_decode_layouts(params, c: ModelConfig):
+def with_decode_layouts(params, c: ModelConfig, layout: str | None = None):
     """params plus the side-by-side and absorbed matrices the decode path multiplies by, every
     weight matrix in the compute dtype: each attention's (`mla.decode_weights`), each MoE layer's
     (`moe.decode_weights`) and each dense MLP's gate and up.
 
     Decoding a token of a small model is bound by the number of kernels it launches on a GPU,
     not by FLOPs: side by side, the projections that read the same input are one product
-    (`tiny`: 158 -> 1xx kernels per token on an H200 target, `benchmarks/gpu_kernels.py`-style count).
-    A sampler calls this once before decoding (`infer.sampler`), so the copies, products and
+    (`tiny`: 159 -> 96 kernels per token on an H200 target, `benchmarks/gpu_kernels.py --decode`).
+    `layout`: the cache layout the attention matrices are for (`mla.decode_layout`). A sampler calls this once before decoding (`infer.sampler`), so the copies, products and
     casts are made once, not at every token (XLA kept the casts inside the decode loop: 7
     kernels per token for `tiny`, and each token read fp32 weights); `decode_step` takes
     either form and computes the same thing: it makes the matrices itself from plain params,
@@ -287,7 +291,7 @@ def with_decode_layouts(params, c: ModelConfig):
     layers = {}
     for name, p in params["layers"].items():
         mlp = moe_decode_weights(p["mlp"]) if "gate" in p["mlp"] else _decode_mlp_weights(p["mlp"])
-        layers[name] = {**p, "self_attn": mla.decode_weights(p["self_attn"], c), "mlp": mlp}
+        layers[name] = {**p, "self_attn": mla.decode_weights(p["self_attn"], c, layout), "mlp": mlp}
     cast = lambda a: a.astype(dtype) if a.ndim >= 2 and jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
     return jax.tree.map(cast, {**params, "layers": layers})
 
@@ -298,14 +302,18 @@ def decode_step(params, tokens_BT, cache, start, c: ModelConfig, *, moe_impl: st
     B, T = tokens_BT.shape
     cos, sin = rope_cos_sin(c, (start + jnp.arange(T))[None, :])
     x_BTD = embed(params, tokens_BT, dtype)
+    fused = "latent" in cache
     new_cache = []
     for i, name in enumerate(layer_names(params)):
         p = params["layers"][name]
         h = rms_norm(x_BTD, p["input_layernorm"]["scale"], c.rms_norm_eps)
-        attn, latent = mla.decode_attention(p["self_attn"], h, cos, sin, cache["latent"][i], start, c)
-        new_cache.append(latent)
+        layer_cache = cache["latent"][i] if fused else (cache["ckv"][i], cache["kpe"][i])
+        attn, layer_cache = mla.decode_attention(p["self_attn"], h, cos, sin, layer_cache, start, c)
+        new_cache.append(layer_cache)
         x_BTD = x_BTD + attn
         h = rms_norm(x_BTD, p["post_attention_layernorm"]["scale"], c.rms_norm_eps)
         x_BTD = x_BTD + _decode_feed_forward(p["mlp"], h, c, moe_impl)
     logits_BTV = logits_from_hidden(params, x_BTD, params["norm"]["scale"], c)
-    return logits_BTV, {"latent": tuple(new_cache)}
+    if fused:
+        return logits_BTV, {"latent": tuple(new_cache)}
+    return logits_BTV, {"ckv": tuple(ckv for ckv, _ in new_cache), "kpe": tuple(kpe for _, kpe in new_cache)}
