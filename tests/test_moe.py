@@ -125,8 +125,25 @@ def test_top_k_mask_picks_what_lax_top_k_picks_ties_included():
         np.testing.assert_array_equal(np.asarray(top_k_mask(values, k)), want)
 
 
+def _route_by_sorts(logits_TE, bias_E, c):
+    """The reference routing, by lax.top_k and a scatter (as `route` was written first)."""
+    scores_TE = jax.nn.sigmoid(logits_TE) if c.scoring_func == "sigmoid" else jax.nn.softmax(logits_TE, axis=-1)
+    choice_TE = scores_TE + bias_E
+    T, E = choice_TE.shape
+    if c.n_group > 1:
+        grouped_TGe = choice_TE.reshape(T, c.n_group, E // c.n_group)
+        _, best_groups = jax.lax.top_k(jax.lax.top_k(grouped_TGe, 2)[0].sum(-1), c.topk_group)
+        keep_TG = jnp.zeros((T, c.n_group), bool).at[jnp.arange(T)[:, None], best_groups].set(True)
+        choice_TE = jnp.where(jnp.repeat(keep_TG, E // c.n_group, axis=1), choice_TE, -jnp.inf)
+    _, idx_TK = jax.lax.top_k(choice_TE, c.num_experts_per_tok)
+    gate_TK = jnp.take_along_axis(scores_TE, idx_TK, axis=-1)
+    if c.norm_topk_prob:
+        gate_TK = gate_TK / (gate_TK.sum(-1, keepdims=True) + 1e-20)
+    return idx_TK, gate_TK * c.routed_scaling_factor
+
+
 @pytest.mark.parametrize("variant", ["grouped", "softmax_ungrouped", "unnormalised"])
-def test_sort_free_routing_equals_route_then_combine(variant):
+def test_sort_free_routing_equals_routing_by_sorts(variant):
     c = {
         "grouped": GROUPED,
         "softmax_ungrouped": dataclasses.replace(NANO, scoring_func="softmax", n_group=1, topk_group=1),
@@ -136,11 +153,15 @@ def test_sort_free_routing_equals_route_then_combine(variant):
     logits = logits.at[:64, 4:].set(logits[:64, :4])  # tied choices across groups in 64 rows
     half = jax.random.normal(jax.random.key(11), (4,)) * 0.1
     bias = jnp.concatenate([half, half])
+    want_idx, want_gate = _route_by_sorts(logits, bias, c)
+    # training's route: the same experts in the same order and the same gates, bit for bit
     idx, gate, _ = route(logits, bias, c)
-    want = combine_weights(idx, gate, 8)
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
+    np.testing.assert_array_equal(np.asarray(gate), np.asarray(want_gate))
+    # decoding's: the same experts; the gates' normalising sum runs over experts in index order, not top-k order
+    want = combine_weights(want_idx, want_gate, 8)
     got = route_combine(logits, bias, c)
-    np.testing.assert_array_equal(np.asarray(got) != 0, np.asarray(want) != 0)  # the same experts
-    # the gates' normalising sum runs over experts in index order, not top-k order: rounding only
+    np.testing.assert_array_equal(np.asarray(got) != 0, np.asarray(want) != 0)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=0)
 
 

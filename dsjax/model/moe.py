@@ -34,6 +34,31 @@ from dsjax.model.layers import swiglu
 from meshes.expert_parallel import current_scheme, ep_size, expert_parallel, expert_parallel_dispatch
 
 
+def top_k_mask(values_TN, k: int):
+    """[T, N] bool: each row's k largest values, ties to the lower index: the entries `lax.top_k` picks.
+
+    Ranks by pairwise comparison ([T, N, N]), for the few experts or groups of a router: where
+    `lax.top_k` is a kernel of its own on a GPU (three per MoE layer and token when decoding),
+    this fuses with the ops around it.
+    """
+    N = values_TN.shape[-1]
+    above_TNN = values_TN[..., None, :] > values_TN[..., :, None]  # [t, i, j]: j beats i
+    tied_before_TNN = (values_TN[..., None, :] == values_TN[..., :, None]) & (jnp.arange(N)[None, :] < jnp.arange(N)[:, None])
+    rank_TN = jnp.sum(above_TNN | tied_before_TNN, axis=-1)
+    return rank_TN < k
+
+
+def keep_best_groups(choice_TE, c: ModelConfig):
+    """choice_TE with the experts outside each token's `topk_group` best groups at -inf; a group's score
+    is the sum of its two best choices. By ranks (`top_k_mask`): the groups `lax.top_k` would pick,
+    the same scores, and no scatter."""
+    T, E = choice_TE.shape
+    grouped_TGe = choice_TE.reshape(T, c.n_group, E // c.n_group)
+    group_score_TG = jnp.sum(jnp.where(top_k_mask(grouped_TGe, 2), grouped_TGe, 0.0), axis=-1)
+    keep_TE = jnp.repeat(top_k_mask(group_score_TG, c.topk_group), E // c.n_group, axis=1)
+    return jnp.where(keep_TE, choice_TE, -jnp.inf)
+
+
 def route(logits_TE, bias_E, c: ModelConfig):
     """Returns (expert_idx_TK, gate_TK, scores_TE) from fp32 router logits."""
     if c.scoring_func == "sigmoid":
@@ -42,13 +67,7 @@ def route(logits_TE, bias_E, c: ModelConfig):
         scores_TE = jax.nn.softmax(logits_TE, axis=-1)
     choice_TE = jax.lax.stop_gradient(scores_TE) + jax.lax.stop_gradient(bias_E)
     if c.n_group > 1:
-        T, E = choice_TE.shape
-        grouped_TGe = choice_TE.reshape(T, c.n_group, E // c.n_group)
-        group_score_TG = jax.lax.top_k(grouped_TGe, 2)[0].sum(-1)
-        _, best_groups = jax.lax.top_k(group_score_TG, c.topk_group)
-        keep_TG = jnp.zeros_like(group_score_TG, dtype=bool).at[jnp.arange(T)[:, None], best_groups].set(True)
-        keep_TE = jnp.repeat(keep_TG, E // c.n_group, axis=1)
-        choice_TE = jnp.where(keep_TE, choice_TE, -jnp.inf)
+        choice_TE = keep_best_groups(choice_TE, c)
     _, expert_idx_TK = jax.lax.top_k(choice_TE, c.num_experts_per_tok)
     gate_TK = jnp.take_along_axis(scores_TE, expert_idx_TK, axis=-1)
     if c.norm_topk_prob:
@@ -207,30 +226,12 @@ def moe(p, x_BTD, c: ModelConfig, impl: str = "auto"):
 DECODE_IN, DECODE_OUT = "decode_in_DX", "decode_out_XD"
 
 
-def top_k_mask(values_TN, k: int):
-    """[T, N] bool: each row's k largest values, ties to the lower index: the entries `lax.top_k` picks.
-
-    Ranks by pairwise comparison ([T, N, N]), for the few experts or groups of a router: where
-    `lax.top_k` is a kernel of its own on a GPU (three per MoE layer and token when decoding),
-    this fuses with the ops around it.
-    """
-    N = values_TN.shape[-1]
-    above_TNN = values_TN[..., None, :] > values_TN[..., :, None]  # [t, i, j]: j beats i
-    tied_before_TNN = (values_TN[..., None, :] == values_TN[..., :, None]) & (jnp.arange(N)[None, :] < jnp.arange(N)[:, None])
-    rank_TN = jnp.sum(above_TNN | tied_before_TNN, axis=-1)
-    return rank_TN < k
-
-
 def route_combine(logits_TE, bias_E, c: ModelConfig):
     """`combine_weights(*route(...)[:2])` without a sort: the same experts (ties as `lax.top_k`) and gates."""
     scores_TE = jax.nn.sigmoid(logits_TE) if c.scoring_func == "sigmoid" else jax.nn.softmax(logits_TE, axis=-1)
     choice_TE = scores_TE + bias_E
-    T, E = choice_TE.shape
     if c.n_group > 1:
-        grouped_TGe = choice_TE.reshape(T, c.n_group, E // c.n_group)
-        group_score_TG = jnp.sum(jnp.where(top_k_mask(grouped_TGe, 2), grouped_TGe, 0.0), axis=-1)
-        keep_TE = jnp.repeat(top_k_mask(group_score_TG, c.topk_group), E // c.n_group, axis=1)
-        choice_TE = jnp.where(keep_TE, choice_TE, -jnp.inf)
+        choice_TE = keep_best_groups(choice_TE, c)
     gate_TE = jnp.where(top_k_mask(choice_TE, c.num_experts_per_tok), scores_TE, 0.0)
     if c.norm_topk_prob:
         gate_TE = gate_TE / (gate_TE.sum(-1, keepdims=True) + 1e-20)
