@@ -122,6 +122,18 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as dsjax's own commands (no usage block)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+NO_OP = "? (no JAX op recorded: what XLA rewrote or added, e.g. copies, a cumulative sum's passes)"
+
+
+def _named(top_ops):
+    return {NO_OP if op == "?" else op: n for op, n in top_ops}
+
+
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     """`4x4x256,16x1x256` -> [(4, 4, 256), (16, 1, 256)]; ValueError naming the bad one."""
     shapes = []
@@ -134,7 +146,7 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
     p.add_argument("--target", choices=sorted(TARGETS), default="h200", help="the GPU compiled for")
     p.add_argument("--model-size", default="tiny", help="a size preset (configs/)")
     p.add_argument("--config", metavar="FILE", help="JSON config layered over the size preset, as `dsjax run --config`")
@@ -190,7 +202,7 @@ def main(argv=None) -> int:
                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
             }
             if args.top:
-                row["top_ops"] = dict(launches.top_ops(args.top))
+                row["top_ops"] = _named(launches.top_ops(args.top))
             if args.json:
                 print(json.dumps(row))
                 continue
@@ -222,7 +234,7 @@ def count_decode(p, args, device) -> int:
         "compile_sec": round(seconds, 1), "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     if args.top:
-        row["top_ops"] = dict(launches.top_ops(args.top))
+        row["top_ops"] = _named(launches.top_ops(args.top))
     if args.json:
         print(json.dumps(row))
         return 0

@@ -140,6 +140,8 @@ def test_generate_batch_of_prompts_and_samples(trained, tmp_path, capsys):
     headers = [line for line in captured.out.splitlines() if line.startswith("--- prompt")]
     assert headers == [f"--- prompt {p}, sample {i} (seed {4 + i}) ---" for p in (1, 2) for i in (1, 2, 3)]
     assert "6 samples" in captured.err
+    # 8 tokens a row all come with the compiling calls (chunks of 64): no rate is made up from them
+    assert "with compilation; too few tokens after compiling to measure tokens/s" in captured.err
 
 
 def test_divergence_stops_with_clear_message_and_keeps_checkpoint(tmp_path, tinystories_dir, trained, capsys):
