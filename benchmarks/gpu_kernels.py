@@ -134,6 +134,13 @@ def _named(top_ops):
     return {NO_OP if op == "?" else op: n for op, n in top_ops}
 
 
+def _print_top(row: dict, what: str) -> None:
+    if "top_ops" in row:
+        print(f"  the {len(row['top_ops'])} JAX ops that make the most kernels{what}:")
+        for op, n in row["top_ops"].items():
+            print(f"    {n:6,}  {op}")
+
+
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     """`4x4x256,16x1x256` -> [(4, 4, 256), (16, 1, 256)]; ValueError naming the bad one."""
     shapes = []
@@ -211,10 +218,7 @@ def main(argv=None) -> int:
             print("  by kind:")
             for kind, n in launches.by_kind.most_common():
                 print(f"    {n:6,}  {kind}")
-            if args.top:
-                print(f"  the {args.top} JAX ops that make the most kernels:")
-                for op, n in row["top_ops"].items():
-                    print(f"    {n:6,}  {op}")
+            _print_top(row, "")
     return 0
 
 
@@ -241,10 +245,7 @@ def count_decode(p, args, device) -> int:
     print(f"{args.model_size} decoding {args.rows} row(s), cache {cache_len}, on {device.device_kind}: "
           f"{launches.per_unknown_iteration:,} kernels per token (the loop's body and condition; "
           f"{row['kernels_outside_the_loop']:,} more per call; compiled in {seconds:.1f} s)")
-    if args.top:
-        print(f"  the {args.top} JAX ops that make the most kernels (one token, plus the call's):")
-        for op, n in row["top_ops"].items():
-            print(f"    {n:6,}  {op}")
+    _print_top(row, " (one token, plus the call's)")
     return 0
 
 

@@ -755,12 +755,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     sys.stdout.write("\n")
     sys.stdout.flush()
+    print(f"[{_rate_line(stats)}]", file=sys.stderr)
+    return 0
+
+
+def _rate_line(stats: dict, rows: str = "") -> str:
+    """`generate`'s closing line from `RateAfterCompiling` stats."""
     after = (
-        f"{stats['tokens_per_sec']:.1f} tokens/s after it" if stats["tokens_per_sec"] > 0
+        f"{stats['tokens_per_sec']:.1f} tokens/s after it{rows}" if stats["tokens_per_sec"] > 0
         else "too few tokens after compiling to measure tokens/s"  # every token came with the compiling calls
     )
-    print(f"[{stats['tokens']} tokens in {stats['seconds']:.2f}s with compilation; {after}]", file=sys.stderr)
-    return 0
+    return f"{stats['tokens']} tokens in {stats['seconds']:.2f}s with compilation; {after}"
 
 
 def _generate_batch(params, config, tokenizer, prompts_ids, sampling, num_samples: int, stop_ids, chat: bool) -> int:
@@ -768,36 +773,24 @@ def _generate_batch(params, config, tokenizer, prompts_ids, sampling, num_sample
 
     Plain prompts print with their continuation; --chat prints each answer alone.
     """
-    import time
-
+    from dsjax.infer.generate import RateAfterCompiling
     from dsjax.infer.sampler import sample_chunks
 
     rows = [ids for ids in prompts_ids for _ in range(num_samples)]
     seeds = [sampling.seed + i for _ in prompts_ids for i in range(num_samples)]
-    start = time.perf_counter()
-    # in compiled chunks of 64 tokens per row (the same tokens as one call): the first two arrivals
-    # compile (prefill, then the decode chunk), so the rate after them is the decoding's own
-    arrivals, steady_start, steady_from = 0, None, 0
+    # in compiled chunks of 64 tokens per row (the same tokens as one call), so the rate after the
+    # compiling calls is the decoding's own
+    rate = RateAfterCompiling()
     for out, counts in sample_chunks(params, config.model, rows, sampling, eos_id=stop_ids, seeds=seeds, chunk=64):
-        arrivals += 1
-        if arrivals == 2:
-            steady_start, steady_from = time.perf_counter(), int(counts.sum())
-    end = time.perf_counter()
-    seconds = end - start
+        rate.arrived(int(counts.sum()))
+    stats = rate.stats(int(counts.sum()))
     outputs = [[int(t) for t in out[r, : counts[r]]] for r in range(len(rows))]
     for r, (ids, out) in enumerate(zip(rows, outputs)):
         p, i = divmod(r, num_samples)
         sys.stdout.write(f"--- prompt {p + 1}, sample {i + 1} (seed {seeds[r]}) ---\n")
         sys.stdout.write(tokenizer.decode(out if chat else ids + out) + "\n")
     sys.stdout.flush()
-    total = sum(map(len, outputs))
-    steady_tokens = total - steady_from
-    after = (
-        f"{steady_tokens / (end - steady_start):.1f} tokens/s after it (all rows together)"
-        if steady_start is not None and steady_tokens > 0 and end > steady_start
-        else "too few tokens after compiling to measure tokens/s"
-    )
-    print(f"[{len(rows)} samples, {total} tokens in {seconds:.2f}s with compilation; {after}]", file=sys.stderr)
+    print(f"[{len(rows)} samples, {_rate_line(stats, ' (all rows together)')}]", file=sys.stderr)
     return 0
 
 

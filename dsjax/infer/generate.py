@@ -145,38 +145,51 @@ def generate_uncached_greedy(params, c: ModelConfig, prompt_ids: list[int], max_
     return out
 
 
+class RateAfterCompiling:
+    """Tokens per second once compiled: the first two arrivals compile (prefill, then the decode step
+    or chunk), so the rate counts the tokens after the second arrival over the time after it."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.arrivals, self.steady_start, self.steady_from = 0, None, 0
+
+    def arrived(self, tokens_so_far: int) -> None:
+        self.arrivals += 1
+        if self.arrivals == 2:
+            self.steady_start, self.steady_from = time.perf_counter(), tokens_so_far
+
+    def stats(self, tokens: int) -> dict:
+        end = time.perf_counter()
+        steady_tokens = tokens - self.steady_from
+        steady = end - self.steady_start if self.steady_start is not None else 0.0
+        return {
+            "tokens": tokens,
+            "seconds": end - self.start,
+            "tokens_per_sec": steady_tokens / steady if steady_tokens > 0 and steady > 0 else 0.0,
+        }
+
+
 def stream_text(tokens: Iterator, decode: Callable[[list[int]], str], write: Callable[[str], None]) -> dict:
     """Write text as tokens arrive (decoding the whole suffix so multi-byte characters come out whole).
 
     `tokens` yields token ids, or lists of them (a chunk decoded on the device per call).
-    The first two arrivals compile (prefill, then the decode step or chunk): the steady
-    rate counts the tokens after the second arrival over the time after it.
+    Returns `RateAfterCompiling`'s stats and the text.
     """
     ids: list[int] = []
     shown = ""
-    start = time.perf_counter()
-    arrivals, steady_start, steady_from = 0, None, 0
+    rate = RateAfterCompiling()
     for item in tokens:
         chunk = item if isinstance(item, list) else [item]
         if not chunk:
             continue
         ids.extend(chunk)
-        arrivals += 1
-        if arrivals == 2:
-            steady_start, steady_from = time.perf_counter(), len(ids)
+        rate.arrived(len(ids))
         text = decode(ids)
         if not text.endswith("\ufffd"):
             write(text[len(shown):])
             shown = text
-    end = time.perf_counter()
+    stats = rate.stats(len(ids))
     text = decode(ids)
     if len(text) > len(shown):
         write(text[len(shown):])
-    steady_tokens = len(ids) - steady_from
-    steady = end - steady_start if steady_start is not None else 0.0
-    return {
-        "tokens": len(ids),
-        "seconds": end - start,
-        "tokens_per_sec": steady_tokens / steady if steady_tokens > 0 and steady > 0 else 0.0,
-        "text": text,
-    }
+    return {**stats, "text": text}

@@ -34,10 +34,13 @@ def _queries(p, x_BTD, c: ModelConfig):
 
 def latents(p, x_BTD, cos, sin, c: ModelConfig):
     """The per-token cache entries: normed latent c_kv [B,T,C] and rotated rope key k_pe [B,T,R]."""
-    kv_a = x_BTD @ p["kv_a_proj_with_mqa"]["kernel"].astype(x_BTD.dtype)
-    ckv_BTC = rms_norm(kv_a[..., : c.kv_lora_rank], p["kv_a_layernorm"]["scale"], c.rms_norm_eps)
-    kpe_BTR = apply_rope(kv_a[..., c.kv_lora_rank :], cos, sin)
-    return ckv_BTC, kpe_BTR
+    return _latents_of(p, x_BTD @ p["kv_a_proj_with_mqa"]["kernel"].astype(x_BTD.dtype), cos, sin, c)
+
+
+def _latents_of(p, kv_a_BTW, cos, sin, c: ModelConfig):
+    """`latents` from kv_a_proj's output [B, T, C + R]."""
+    ckv_BTC = rms_norm(kv_a_BTW[..., : c.kv_lora_rank], p["kv_a_layernorm"]["scale"], c.rms_norm_eps)
+    return ckv_BTC, apply_rope(kv_a_BTW[..., c.kv_lora_rank :], cos, sin)
 
 
 def attention(p, x_BTD, cos, sin, c: ModelConfig):
@@ -74,7 +77,8 @@ def decode_layout() -> str:
 
     - "fused" (GPU): per layer one buffer of [latent | rope key] entries, written once and scored by one
       product, and the values' up-projection absorbed into o_proj: batch-1 decoding is bound by the
-      kernels it launches, and this takes 3 fewer per layer and token;
+      kernels it launches, and this takes 4-5 fewer per layer and token than "split" (on an H200
+      target, `gpu_kernels.py --decode`: `tiny` 96 against 114, `small` 248 against 295);
     - "split" (CPU): the latents and rope keys in two buffers, and W_uv then o_proj: there FLOPs and
       bytes count, and XLA:CPU copies a slice of a fused buffer before multiplying by it (512 rows of
       `nano` sampled about 12% slower with the fused layout on 2 cores).
@@ -136,7 +140,8 @@ def decode_attention(p, x_BTD, cos, sin, cache, start, c: ModelConfig):
     B, T, _ = x_BTD.shape
     H, C = c.num_attention_heads, c.kv_lora_rank
     fused = not isinstance(cache, tuple)
-    w = p if DECODE_IN in p and (DECODE_OUT if fused else DECODE_UV) in p else decode_weights(p, c, "fused" if fused else "split")
+    laid_out = DECODE_IN in p and (DECODE_OUT if fused else DECODE_UV) in p  # for this cache's layout
+    w = p if laid_out else decode_weights(p, c, "fused" if fused else "split")
     proj_BTX = x_BTD @ w[DECODE_IN].astype(dtype)
     if c.q_lora_rank is None:
         q_BTX, kv_a = proj_BTX[..., : -(C + c.qk_rope_head_dim)], proj_BTX[..., -(C + c.qk_rope_head_dim) :]
@@ -145,8 +150,7 @@ def decode_attention(p, x_BTD, cos, sin, cache, start, c: ModelConfig):
         q_BTX, kv_a = cq_BTQ @ w[DECODE_Q].astype(dtype), proj_BTX[..., c.q_lora_rank :]
     q_BTHW = q_BTX.reshape(B, T, H, -1)
     q_latent_BTHC, q_pe_BTHR = q_BTHW[..., :C], apply_rope(q_BTHW[..., C:], cos, sin)
-    ckv_BTC = rms_norm(kv_a[..., :C], p["kv_a_layernorm"]["scale"], c.rms_norm_eps)
-    kpe_BTR = apply_rope(kv_a[..., C:], cos, sin)
+    ckv_BTC, kpe_BTR = _latents_of(p, kv_a, cos, sin, c)
     write = lambda buffer, new: jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, start, 0))  # noqa: E731
     if fused:
         cache = write(cache, jnp.concatenate([ckv_BTC, kpe_BTR], axis=-1))

@@ -280,7 +280,9 @@ def with_decode_layouts(params, c: ModelConfig, layout: str | None = None):
     Decoding a token of a small model is bound by the number of kernels it launches on a GPU,
     not by FLOPs: side by side, the projections that read the same input are one product
     (`tiny`: 159 -> 96 kernels per token on an H200 target, `benchmarks/gpu_kernels.py --decode`).
-    `layout`: the cache layout the attention matrices are for (`mla.decode_layout`). A sampler calls this once before decoding (`infer.sampler`), so the copies, products and
+    `layout`: the cache layout the attention matrices are for (`mla.decode_layout`).
+
+    A sampler calls this once before decoding (`infer.sampler`), so the copies, products and
     casts are made once, not at every token (XLA kept the casts inside the decode loop: 7
     kernels per token for `tiny`, and each token read fp32 weights); `decode_step` takes
     either form and computes the same thing: it makes the matrices itself from plain params,
