@@ -141,6 +141,31 @@ def _print_top(row: dict, what: str) -> None:
             print(f"    {n:6,}  {op}")
 
 
+def floors(launches, target: str) -> dict:
+    """The program's memory traffic and GEMM FLOPs per run (`hlo_launches`' estimates) and the
+    times they take at the target's bandwidth and bf16 peak: lower bounds, not predictions."""
+    from dsjax.bench import peak_tflops
+
+    name, facts = TARGETS[target]
+    bandwidth, peak = facts["memory_bandwidth"], peak_tflops(name) * 1e12
+    return {
+        "gb_moved": round(launches.bytes_moved / 1e9, 3), "gemm_tflop": round(launches.gemm_flops / 1e12, 3),
+        "memory_floor_ms": round(1e3 * launches.bytes_moved / bandwidth, 3),
+        "gemm_floor_ms": round(1e3 * launches.gemm_flops / peak, 3),
+        "gb_by_op": {NO_OP if op == "?" else op: round(b / 1e9, 3) for op, b in launches.bytes_by_op.most_common(8)},
+    }
+
+
+def _print_floors(f: dict, target: str, per: str, top: bool) -> None:
+    name, facts = TARGETS[target]
+    print(f"  memory moved {f['gb_moved']:,.3f} GB per {per} ({f['memory_floor_ms']:.3f} ms at {facts['memory_bandwidth'] / 1e12:.1f} TB/s); "
+          f"GEMMs {f['gemm_tflop']:,.3f} TFLOP ({f['gemm_floor_ms']:.3f} ms at bf16 peak): estimates, each buffer read whole once")
+    if top:
+        print("  the JAX ops that move the most memory:")
+        for op, gb in f["gb_by_op"].items():
+            print(f"    {gb:9,.3f} GB  {op}")
+
+
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     """`4x4x256,16x1x256` -> [(4, 4, 256), (16, 1, 256)]; ValueError naming the bad one."""
     shapes = []
@@ -208,6 +233,7 @@ def main(argv=None) -> int:
                 "compile_sec": round(seconds, 1), "by_kind": dict(launches.by_kind.most_common()),
                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
             }
+            row.update(floors(launches, args.target))
             if args.top:
                 row["top_ops"] = _named(launches.top_ops(args.top))
             if args.json:
@@ -218,6 +244,7 @@ def main(argv=None) -> int:
             print("  by kind:")
             for kind, n in launches.by_kind.most_common():
                 print(f"    {n:6,}  {kind}")
+            _print_floors(row, args.target, "step", bool(args.top))
             _print_top(row, "")
     return 0
 

@@ -7,6 +7,13 @@ walked into, and their bodies count once per iteration where XLA knows the trip 
 (`known_trip_count`, as for `lax.scan` and `lax.map`), so `per_run` is the launches of
 one call of the program. Fusion bodies are not walked: a fusion is one kernel.
 
+Each launch also carries an estimate of the memory it moves (the bytes of its operands
+and outputs, each read or written whole once: no caching, and a kernel that reads a
+slice of a buffer is charged the whole buffer) and, for GEMMs, its multiply-adds
+(2 x output elements x contracted size of each `dot` it holds). Pallas and cuDNN calls
+are charged bytes only. These bound a program that is memory- or compute-bound from
+below; they are not times.
+
 `benchmarks/gpu_kernels.py` uses it on programs compiled for an NVIDIA GPU target on a
 machine without one; `dsjax bench` records it for the device it runs on. On a GPU,
 XLA may still group consecutive launches into CUDA graphs when the program loads;
@@ -41,6 +48,9 @@ class Launches:
     per_unknown_iteration: int = 0  # launches one more iteration of those loops adds (body and condition)
     by_kind: collections.Counter = field(default_factory=collections.Counter)  # per run
     by_op: collections.Counter = field(default_factory=collections.Counter)  # per run, by the JAX op that made it
+    bytes_moved: int = 0  # per run: operand + output bytes of every launch (see the module's docstring)
+    gemm_flops: int = 0  # per run: 2 x M x N x K of the dots inside GEMM launches
+    bytes_by_op: collections.Counter = field(default_factory=collections.Counter)  # per run, by JAX op
 
     def top_ops(self, n: int = 15) -> list[tuple[str, int]]:
         return self.by_op.most_common(n)
@@ -63,6 +73,73 @@ def computations(hlo_text: str) -> tuple[str | None, dict[str, list[str]]]:
         else:
             found[current].append(line)
     return entry, found
+
+
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string (`f32[4,8]{1,0}`, or a tuple of them)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        bits = 8 if dtype == "pred" or dtype.startswith("f8") else 16 if dtype == "bf16" else int(dtype[1:])
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * bits // 8
+    return total
+
+
+def operand_names(rest: str) -> list[str]:
+    """The operands of an instruction, from the text after its opcode's `(`."""
+    depth, end = 1, 0
+    while end < len(rest) and depth:
+        depth += (rest[end] == "(") - (rest[end] == ")")
+        end += 1
+    return re.findall(r"%([\w.\-]+)", rest[:end])
+
+
+def _dims(shape: str) -> list[int]:
+    m = _ARRAY.search(shape)
+    return [int(d) for d in filter(None, m.group(2).split(","))] if m else []
+
+
+def _dot_flops(name: str, comps: dict[str, list[str]], shapes: dict[str, str], seen=()) -> int:
+    """2 x M x N x K summed over the dots of computation `name` and the fusions it calls."""
+    flops = 0
+    for line in comps.get(name, ()) if name not in seen else ():
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        shape, op, rest = m.groups()
+        if op == "dot":
+            lhs = _dims(shapes.get(operand_names(rest)[0], ""))
+            contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+            k = 1
+            for d in filter(None, contracted.group(1).split(",") if contracted else ()):
+                k *= lhs[int(d)] if int(d) < len(lhs) else 1
+            out = 1
+            for d in _dims(shape):
+                out *= d
+            flops += 2 * out * k
+        elif op == "fusion":
+            sub = re.search(r"calls=%?([\w.\-]+)", rest)
+            flops += _dot_flops(sub.group(1), comps, shapes, seen + (name,)) if sub else 0
+    return flops
+
+
+def _cublas_flops(shape: str, rest: str, shapes: dict[str, str]) -> int:
+    """2 x M x N x K of a cuBLAS custom call (output first in its tuple, then the workspace)."""
+    lhs = _dims(shapes.get((operand_names(rest) or [""])[0], ""))
+    contracted = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)
+    k = 1
+    for d in re.findall(r"\d+", contracted.group(1)) if contracted else ():
+        k *= lhs[int(d)] if int(d) < len(lhs) else 1
+    out = 1
+    for d in _dims(shape):
+        out *= d
+    return 2 * out * k
 
 
 def kind_of(op: str, rest: str) -> str | None:
@@ -94,6 +171,12 @@ def count_launches(hlo_text: str, group_depth: int = 3) -> Launches:
     """The launches of one run of an optimized HLO module (`compiled.as_text()`)."""
     entry, comps = computations(hlo_text)
     out = Launches()
+    shapes = {}  # instruction name -> its shape string (names are unique in an optimized module)
+    for lines in comps.values():
+        for line in lines:
+            name, m = _NAME.match(line), _INSTRUCTION.match(line)
+            if name and m:
+                shapes[name.group(1)] = m.group(1)
 
     def walk(name: str, times: int, inside: tuple[str, ...], unknown: bool = False) -> None:
         if name in inside or name not in comps:
@@ -127,7 +210,16 @@ def count_launches(hlo_text: str, group_depth: int = 3) -> Launches:
             out.per_run += times
             out.per_unknown_iteration += times if unknown else 0
             out.by_kind[kind] += times
-            out.by_op[op_group(rest, group_depth)] += times
+            group = op_group(rest, group_depth)
+            out.by_op[group] += times
+            moved = shape_bytes(m.group(1)) + sum(shape_bytes(shapes.get(o, "")) for o in operand_names(rest))
+            out.bytes_moved += moved * times
+            out.bytes_by_op[group] += moved * times
+            called = re.search(r"calls=%?([\w.\-]+)", rest)
+            if called and "gemm" in kind:
+                out.gemm_flops += _dot_flops(called.group(1), comps, shapes) * times
+            elif "cublas" in kind:  # a library GEMM: its dimensions are in the backend config
+                out.gemm_flops += _cublas_flops(m.group(1), rest, shapes) * times
 
     if entry is not None:
         walk(entry, 1, ())

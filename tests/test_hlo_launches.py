@@ -54,6 +54,39 @@ def test_a_gpu_module_by_hand():
     assert launches.by_op["jvp()/dot_general"] == 3 and launches.by_op["reduce_sum"] == 1
 
 
+# a Triton GEMM fusion and a cuBLAS call of the same [64, 32] x [32, 16] product
+GEMM_MODULE = """HloModule jit_mm, is_scheduled=true
+
+%gemm_body (p0: bf16[64,32], p1: bf16[32,16]) -> f32[64,16] {
+  %p0 = bf16[64,32]{1,0} parameter(0)
+  %p1 = bf16[32,16]{1,0} parameter(1)
+  ROOT %d = f32[64,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: bf16[64,32], b: bf16[32,16]) -> (f32[64,16], f32[64,16]) {
+  %a = bf16[64,32]{1,0} parameter(0)
+  %b = bf16[32,16]{1,0} parameter(1)
+  %g = f32[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_body, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}, metadata={op_name="jit(mm)/dot_general"}
+  %c = (f32[64,16]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  %c0 = f32[64,16]{1,0} get-tuple-element(%c), index=0
+  ROOT %t = (f32[64,16]{1,0}, f32[64,16]{1,0}) tuple(%g, %c0)
+}
+"""
+
+
+def test_memory_moved_and_gemm_flops_by_hand():
+    loop = count_launches(GPU_MODULE)
+    # per body trip: the GEMM and the cuDNN call each read and write f32[8] (32 + 32 bytes), the counter
+    # s32[] (4 + 4); the condition reads s32[] and writes pred[] (4 + 1); outside, two f32[8] kernels
+    assert loop.bytes_moved == 3 * (64 + 64 + 8) + 4 * 5 + 2 * 64
+    assert loop.gemm_flops == 0  # the "GEMM" fusion holds no dot
+    gemms = count_launches(GEMM_MODULE)
+    a, b, out = 64 * 32 * 2, 32 * 16 * 2, 64 * 16 * 4
+    assert gemms.bytes_moved == (a + b + out) + (a + b + out + 1024)  # cuBLAS's workspace is an output too
+    assert gemms.gemm_flops == 2 * (2 * 64 * 16 * 32)
+    assert gemms.bytes_by_op["dot_general"] == a + b + out
+
+
 def test_a_scan_compiled_here_counts_its_body_per_trip():
     """On XLA:CPU's real output: a longer scan adds its body's launches per extra trip, the program stays the same."""
 

@@ -78,8 +78,8 @@ def test_chunked_head_gradients_in_every_input_equal_autodiff_of_full_logits():
     assert abs(float(jax.jit(chunked)(h, scale, head, weight)) - float(value_f)) <= 1e-6 * abs(float(value_f))
 
 
-def test_bf16_head_remade_chunk_by_chunk_matches_one_chunk_and_fp32():
-    # bf16 heads keep the remade path (jax.checkpoint per chunk, not the fp32 custom VJP)
+def test_bf16_head_chunk_by_chunk_matches_one_chunk_and_fp32():
+    # bf16 heads take the same custom VJP as fp32 ones, the logits' gradient in bf16
     c = load_config("nano").model
     B, T, D, V = 3, 20, 128, 512
     k = jax.random.split(jax.random.key(0), 4)
@@ -103,3 +103,43 @@ def test_bf16_head_remade_chunk_by_chunk_matches_one_chunk_and_fp32():
     # d(scale) and d(head) add nine bf16 partial sums: within two bf16 ulps (2^-7) of the fp32 gradient
     for g_7, g_32 in zip(grads_7[1:], grads_32[1:]):
         assert _rel(g_7.astype(jnp.float32), g_32) <= 2**-7
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple]:
+    """The operand dtypes of every dot_general in a jaxpr, its scans and custom VJPs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(v.aval.dtype for v in eqn.invars))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    found += _dot_operand_dtypes(inner)
+    return found
+
+
+def test_bf16_head_gradient_matmuls_take_bf16_operands():
+    # autodiff of fp32 logits ran the head's two backward matmuls on fp32 operands (fp32 GEMMs on a
+    # GPU, about half of small's memory traffic with the remade logits: BENCHMARKS.md); all the
+    # head's matmuls now take the compute dtype, with fp32 accumulation
+    import jax.extend  # noqa: F401
+
+    c = load_config("nano").model
+    B, T, D, V = 2, 16, 128, 256
+    k = jax.random.split(jax.random.key(1), 3)
+    h = jax.random.normal(k[0], (B, T, D), jnp.bfloat16)
+    head = jax.random.normal(k[1], (D, V), jnp.float32) * 0.05  # fp32 parameters, bf16 compute
+    scale = jnp.ones((D,), jnp.float32)
+    targets = jax.random.randint(k[2], (B, T), 0, V)
+    weights = jnp.ones((B, T), jnp.float32)
+
+    def nll(h_, s_, w_):
+        return chunked_head_nll(h_, s_, w_, targets, weights, c, chunk_tokens=8)
+
+    jaxpr = jax.make_jaxpr(jax.grad(nll, argnums=(0, 1, 2)))(h, scale, head).jaxpr
+    dots = _dot_operand_dtypes(jaxpr)
+    assert len(dots) >= 3  # logits, d(hidden), d(head)
+    assert all(dtypes == (jnp.bfloat16, jnp.bfloat16) for dtypes in dots), dots
+    grads = jax.jit(jax.grad(nll, argnums=(0, 1, 2)))(h, scale, head)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32, jnp.float32]  # each its input's dtype

@@ -46,10 +46,12 @@ def chunked_head_nll(h_BTD, norm_scale, head_DV, targets_BT, weight_BT, c: Model
     """sum(weight * nll) of norm + head + cross-entropy, without ever holding [B*T, V] logits.
 
     Tokens are split into chunks of `chunk_tokens`; each chunk's logits are made,
-    reduced to its weighted NLL and dropped, and `jax.checkpoint` makes the backward
-    pass remake them chunk by chunk instead of saving them (with a single chunk,
-    nothing is remade). Chunk size: `default_chunk_tokens`. Same value and gradients
-    as `token_cross_entropy` over full logits (summation order aside).
+    reduced to its weighted NLL and dropped. When the value is differentiated, each
+    chunk's gradients are made in the forward pass while its logits exist, so the
+    backward pass remakes nothing (`_nll_with_gradients_in_forward`). Chunk size:
+    `default_chunk_tokens`. Same value and gradients as `token_cross_entropy` over full
+    logits in fp32 (summation order aside); in bf16 the logits' gradient enters the
+    backward matmuls in bf16.
     """
     B, T, D = h_BTD.shape
     V = head_DV.shape[1]
@@ -62,74 +64,94 @@ def chunked_head_nll(h_BTD, norm_scale, head_DV, targets_BT, weight_BT, c: Model
     w_N = jnp.pad(weight_BT.reshape(N).astype(jnp.float32), (0, pad))  # padded tokens weigh 0
 
     chunks = (h_ND.reshape(n, C, D), t_N.reshape(n, C), w_N.reshape(n, C))
-    if n > 1 and h_BTD.dtype == jnp.float32 and head_DV.dtype == jnp.float32:
-        return _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, c.rms_norm_eps)
-    # one chunk (every token's logits fit the budget): keep them for the backward pass like
-    # the plain path; several: remake each chunk's logits there instead
-    return _summed_chunk_nll(chunks, norm_scale, head_DV, c.rms_norm_eps, remake=n > 1)
+    return _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, c.rms_norm_eps)
 
 
-def _summed_chunk_nll(chunks, norm_scale, head_DV, eps: float, remake: bool):
+def _summed_chunk_nll(chunks, norm_scale, head_DV, eps: float):
     """sum(w * nll) over the chunks (h_nCD, t_nC, w_nC), one chunk's logits at a time."""
-
-    def chunk_nll(h_CD, t_C, w_C):
-        normed = rms_norm(h_CD, norm_scale, eps)
-        logits_CV = jnp.dot(normed, head_DV.astype(normed.dtype), preferred_element_type=jnp.float32)
-        return jnp.sum(token_cross_entropy(logits_CV, t_C) * w_C)
-
-    chunk_fn = jax.checkpoint(chunk_nll) if remake else chunk_nll
+    head_cD = head_DV.astype(chunks[0].dtype)  # cast once, not per chunk
 
     def body(total, chunk):
-        return total + chunk_fn(*chunk), None
+        h_CD, t_C, w_C = chunk
+        logits_CV = jnp.dot(rms_norm(h_CD, norm_scale, eps), head_cD, preferred_element_type=jnp.float32)
+        nll_C, _, _ = _chunk_nll(logits_CV, t_C)
+        return total + jnp.sum(nll_C * w_C), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks)
     return total
 
 
+def _chunk_nll(logits_CV, t_C):
+    """(nll_C, log_z_C1, is_target_CV) of one chunk's fp32 logits, in two passes over them.
+
+    The row's max and its target's logit (a masked sum: exact, the rest adds zeros) come
+    from one reduction, the softmax's sum from the second; `token_cross_entropy`'s
+    logsumexp and gather take three. Not differentiated (the custom VJP below is)."""
+    is_target_CV = jax.lax.broadcasted_iota(jnp.int32, logits_CV.shape, 1) == t_C[:, None]
+    max_C, target_logit_C = jax.lax.reduce(
+        (logits_CV, jnp.where(is_target_CV, logits_CV, 0.0)), (-jnp.inf, 0.0),
+        lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1]), (1,),
+    )
+    log_z_C1 = max_C[:, None] + jnp.log(jnp.sum(jnp.exp(logits_CV - max_C[:, None]), axis=-1, keepdims=True))
+    return log_z_C1[:, 0] - target_logit_C, log_z_C1, is_target_CV
+
+
 def _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, eps: float):
-    """fp32 `chunked_head_nll` over several chunks, its gradients made while each chunk's logits exist.
+    """`chunked_head_nll`'s sum, its gradients made while each chunk's logits exist.
 
     The cross-entropy's gradient is known once a chunk's logits are: w * (softmax - onehot).
     So the forward pass also makes each chunk's d(hidden) and adds its d(head) and d(norm
     scale), and the backward pass only scales them by the incoming cotangent. Against
-    remaking the logits in the backward pass, this saves one of the head's four matmuls and
-    one of its two softmax passes per chunk (nano's head + cross-entropy of 4,096 tokens,
-    forward + backward, 2-core CPU: about 110 -> 87 ms). Used only when the value is
-    differentiated (JAX runs `chunked_nll` alone otherwise); bf16 heads keep the remade path,
-    whose matmul precisions autodiff chooses.
+    autodiff, which remakes each chunk's logits in the backward pass, this saves one of the
+    head's four matmuls and a second pass of softmax over the logits per chunk (nano's head +
+    cross-entropy of 4,096 tokens, forward + backward, 2-core CPU: about 110 -> 87 ms).
+    Used only when the value is differentiated (JAX runs `chunked_nll` alone otherwise).
+
+    Logits and the softmax are fp32 in every dtype. The gradient of the logits goes into
+    the two matmuls of the backward pass in the compute dtype (the hidden state's: bf16 on
+    an accelerator), accumulated in fp32, as autodiff does for every other layer and as a
+    bf16 head's logits would have it. Autodiff of the fp32 logits instead ran both of those
+    matmuls in fp32 on fp32 operands: on the H200 target they were the only fp32 GEMMs of
+    `small`'s step that mattered, and with the remade logits, the head moved about 57 of
+    the step's 101 GB (`benchmarks/gpu_kernels.py --bytes`, BENCHMARKS.md).
     """
 
     @jax.custom_vjp
     def chunked_nll(h_nCD, t_nC, w_nC, norm_scale, head_DV):
-        return _summed_chunk_nll((h_nCD, t_nC, w_nC), norm_scale, head_DV, eps, remake=False)
+        return _summed_chunk_nll((h_nCD, t_nC, w_nC), norm_scale, head_DV, eps)
 
     def forward(h_nCD, t_nC, w_nC, norm_scale, head_DV):
+        compute = h_nCD.dtype
+        head_cD = head_DV.astype(compute)
+
         def body(carry, chunk):
             total, d_head_DV, d_scale_D = carry
             h_CD, t_C, w_C = chunk
             normed_CD, norm_vjp = jax.vjp(lambda h, s: rms_norm(h, s, eps), h_CD, norm_scale)
-            logits_CV = jnp.dot(normed_CD, head_DV, preferred_element_type=jnp.float32)
-            log_z_C1 = jax.nn.logsumexp(logits_CV, axis=-1, keepdims=True)
-            nll_C = log_z_C1[:, 0] - jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0]
+            logits_CV = jnp.dot(normed_CD, head_cD, preferred_element_type=jnp.float32)
+            nll_C, log_z_C1, is_target_CV = _chunk_nll(logits_CV, t_C)
             # d(sum w * nll) / d logits = w * (softmax - onehot(target))
-            vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits_CV.shape, 1)
-            d_logits_CV = w_C[:, None] * (jnp.exp(logits_CV - log_z_C1) - (vocab_ids == t_C[:, None]))
-            d_h_CD, d_scale_D_chunk = norm_vjp(jnp.dot(d_logits_CV, head_DV.T))
+            d_logits_CV = (w_C[:, None] * (jnp.exp(logits_CV - log_z_C1) - is_target_CV)).astype(compute)
+            d_normed_CD = jnp.dot(d_logits_CV, head_cD.T, preferred_element_type=jnp.float32).astype(compute)
+            d_h_CD, d_scale_D_chunk = norm_vjp(d_normed_CD)
             carry = (
                 total + jnp.sum(nll_C * w_C),
-                d_head_DV + jnp.dot(normed_CD.T, d_logits_CV),
+                d_head_DV + jnp.dot(normed_CD.T, d_logits_CV, preferred_element_type=jnp.float32),
                 d_scale_D + d_scale_D_chunk,
             )
             return carry, (d_h_CD, nll_C)
 
-        zeros = (jnp.zeros((), jnp.float32), jnp.zeros_like(head_DV), jnp.zeros_like(norm_scale))
+        zeros = (jnp.zeros((), jnp.float32), jnp.zeros(head_DV.shape, jnp.float32), jnp.zeros_like(norm_scale))
         (total, d_head_DV, d_scale_D), (d_h_nCD, nll_nC) = jax.lax.scan(body, zeros, (h_nCD, t_nC, w_nC))
-        return total, (d_h_nCD, nll_nC, d_scale_D, d_head_DV, t_nC)
+        return total, (d_h_nCD, nll_nC, d_scale_D, d_head_DV.astype(head_DV.dtype), t_nC)
 
     def backward(saved, g):
         d_h_nCD, nll_nC, d_scale_D, d_head_DV, t_nC = saved
         no_gradient = np.zeros(t_nC.shape, jax.dtypes.float0)  # integer targets
-        return g * d_h_nCD, no_gradient, g * nll_nC, g * d_scale_D, g * d_head_DV
+        def scaled(d):
+            return (g * d.astype(jnp.float32)).astype(d.dtype)
+
+        return scaled(d_h_nCD), no_gradient, g * nll_nC, scaled(d_scale_D), scaled(d_head_DV)
 
     chunked_nll.defvjp(forward, backward)
     h_nCD, t_nC, w_nC = chunks
