@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dsjax import model
 from dsjax.config import load_config
@@ -48,11 +49,15 @@ def test_chunked_loss_never_holds_whole_logits():
     assert chunked < full - 64 * 2**20, (chunked / 2**20, full / 2**20)
 
 
-def test_chunked_head_gradients_in_every_input_equal_autodiff_of_full_logits():
-    # fp32 with several chunks takes the path that makes its gradients in the forward pass;
-    # every differentiable input is checked, the per-token weights too (SFT's masks are inputs)
+@pytest.mark.parametrize("one_pass", [False, True], ids=["cpu-softmax", "one-pass-softmax"])
+def test_chunked_head_gradients_in_every_input_equal_autodiff_of_full_logits(one_pass, monkeypatch):
+    # the gradients are made in the forward pass; every differentiable input is checked, the
+    # per-token weights too (SFT's masks are inputs), with the CPU's softmax and the accelerators'
+    from dsjax.model import loss
     from dsjax.model.layers import rms_norm
     from dsjax.model.loss import chunked_head_nll, token_cross_entropy
+
+    monkeypatch.setattr(loss, "one_pass_softmax", lambda: one_pass)
 
     c = load_config("nano", overrides={"model": {"compute_dtype": "float32", "vocab_size": 300}}).model
     rng = np.random.default_rng(1)

@@ -64,39 +64,58 @@ def chunked_head_nll(h_BTD, norm_scale, head_DV, targets_BT, weight_BT, c: Model
     w_N = jnp.pad(weight_BT.reshape(N).astype(jnp.float32), (0, pad))  # padded tokens weigh 0
 
     chunks = (h_ND.reshape(n, C, D), t_N.reshape(n, C), w_N.reshape(n, C))
-    return _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, c.rms_norm_eps)
+    return _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, c.rms_norm_eps, one_pass_softmax())
 
 
-def _summed_chunk_nll(chunks, norm_scale, head_DV, eps: float):
+def _summed_chunk_nll(chunks, norm_scale, head_DV, eps: float, one_pass: bool):
     """sum(w * nll) over the chunks (h_nCD, t_nC, w_nC), one chunk's logits at a time."""
     head_cD = head_DV.astype(chunks[0].dtype)  # cast once, not per chunk
 
     def body(total, chunk):
         h_CD, t_C, w_C = chunk
         logits_CV = jnp.dot(rms_norm(h_CD, norm_scale, eps), head_cD, preferred_element_type=jnp.float32)
-        nll_C, _, _ = _chunk_nll(logits_CV, t_C)
+        nll_C, _, _ = _chunk_nll(logits_CV, t_C, one_pass)
         return total + jnp.sum(nll_C * w_C), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks)
     return total
 
 
-def _chunk_nll(logits_CV, t_C):
-    """(nll_C, log_z_C1, is_target_CV) of one chunk's fp32 logits, in two passes over them.
+def one_pass_softmax() -> bool:
+    """Whether `_chunk_nll` reads each chunk's logits once (accelerators) or as XLA:CPU runs fastest."""
+    return jax.default_backend() != "cpu"
 
-    The row's max and its target's logit (a masked sum: exact, the rest adds zeros) come
-    from one reduction, the softmax's sum from the second; `token_cross_entropy`'s
-    logsumexp and gather take three. Not differentiated (the custom VJP below is)."""
+
+def _chunk_nll(logits_CV, t_C, one_pass: bool):
+    """(nll_C, log_z_C1, is_target_CV) of one chunk's fp32 logits. Not differentiated (the custom VJP below is).
+
+    one_pass: the row's max, the softmax's sum (rescaled whenever the max grows, as online
+    softmax does) and the target's logit (a masked sum: exact, the rest adds zeros) from one
+    reduction, so a GPU reads the logits once where logsumexp and a gather read them three
+    times. XLA:CPU runs that reduction unvectorized: `nano`'s head + cross-entropy, forward +
+    backward, measured 137-160 ms against 87-95 ms for logsumexp and a gather (2-core CPU)."""
     is_target_CV = jax.lax.broadcasted_iota(jnp.int32, logits_CV.shape, 1) == t_C[:, None]
-    max_C, target_logit_C = jax.lax.reduce(
-        (logits_CV, jnp.where(is_target_CV, logits_CV, 0.0)), (-jnp.inf, 0.0),
-        lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1]), (1,),
+    if not one_pass:
+        log_z_C1 = jax.nn.logsumexp(logits_CV, axis=-1, keepdims=True)
+        return log_z_C1[:, 0] - jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0], log_z_C1, is_target_CV
+
+    def combine(a, b):
+        top = jnp.maximum(a[0], b[0])
+
+        def rescaled(row_max, total):  # a sum of exp(x - row_max), moved to exp(x - top)
+            return jnp.where(row_max == top, total, total * jnp.exp(row_max - top))  # -inf == -inf: no NaN
+
+        return top, rescaled(a[0], a[1]) + rescaled(b[0], b[1]), a[2] + b[2]
+
+    max_C, sum_C, target_logit_C = jax.lax.reduce(
+        (logits_CV, jnp.ones_like(logits_CV), jnp.where(is_target_CV, logits_CV, 0.0)), (-jnp.inf, 0.0, 0.0),
+        combine, (1,),
     )
-    log_z_C1 = max_C[:, None] + jnp.log(jnp.sum(jnp.exp(logits_CV - max_C[:, None]), axis=-1, keepdims=True))
+    log_z_C1 = (max_C + jnp.log(sum_C))[:, None]
     return log_z_C1[:, 0] - target_logit_C, log_z_C1, is_target_CV
 
 
-def _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, eps: float):
+def _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, eps: float, one_pass: bool):
     """`chunked_head_nll`'s sum, its gradients made while each chunk's logits exist.
 
     The cross-entropy's gradient is known once a chunk's logits are: w * (softmax - onehot).
@@ -118,7 +137,7 @@ def _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, eps: float):
 
     @jax.custom_vjp
     def chunked_nll(h_nCD, t_nC, w_nC, norm_scale, head_DV):
-        return _summed_chunk_nll((h_nCD, t_nC, w_nC), norm_scale, head_DV, eps)
+        return _summed_chunk_nll((h_nCD, t_nC, w_nC), norm_scale, head_DV, eps, one_pass)
 
     def forward(h_nCD, t_nC, w_nC, norm_scale, head_DV):
         compute = h_nCD.dtype
@@ -129,7 +148,7 @@ def _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, eps: float):
             h_CD, t_C, w_C = chunk
             normed_CD, norm_vjp = jax.vjp(lambda h, s: rms_norm(h, s, eps), h_CD, norm_scale)
             logits_CV = jnp.dot(normed_CD, head_cD, preferred_element_type=jnp.float32)
-            nll_C, log_z_C1, is_target_CV = _chunk_nll(logits_CV, t_C)
+            nll_C, log_z_C1, is_target_CV = _chunk_nll(logits_CV, t_C, one_pass)
             # d(sum w * nll) / d logits = w * (softmax - onehot(target))
             d_logits_CV = (w_C[:, None] * (jnp.exp(logits_CV - log_z_C1) - is_target_CV)).astype(compute)
             d_normed_CD = jnp.dot(d_logits_CV, head_cD.T, preferred_element_type=jnp.float32).astype(compute)
