@@ -16,6 +16,10 @@ GPU events per step where this counts 2,562 for the same code (`83af0f7`); at 16
 783 against 741. The counts run about 5% under the profile's (memsets and copies the
 runtime adds are not in the program), so they predict how many kernels a change
 removes, not their time.
+For a train step it also prints the memory the step moves and its GEMM FLOPs, estimated
+from the same program (`hlo_launches`: each kernel's operands and outputs read or written
+whole once), and the times those take at the target's bandwidth and bf16 peak: floors.
+Run 3 measured `small` 32 x 1 x 512 at 1.64x the sum of its kernels' floors (+2 us each).
 Without a device XLA cannot autotune: GEMMs keep a default Triton tiling, which can
 differ from what the GPU picks by a kernel per GEMM (`--xla_gpu_enable_triton_gemm=false`
 in XLA_FLAGS makes every GEMM one cuBLAS call instead; `gpu_session.sh tiny` saves the
