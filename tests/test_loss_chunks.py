@@ -148,3 +148,18 @@ def test_bf16_head_gradient_matmuls_take_bf16_operands():
     assert all(dtypes == (jnp.bfloat16, jnp.bfloat16) for dtypes in dots), dots
     grads = jax.jit(jax.grad(nll, argnums=(0, 1, 2)))(h, scale, head)
     assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32, jnp.float32]  # each its input's dtype
+
+
+def test_default_chunks_are_even_within_the_budget(monkeypatch):
+    from dsjax.model import loss
+
+    monkeypatch.setattr(loss.jax, "default_backend", lambda: "gpu")
+    assert loss.default_chunk_tokens(16384, 32000) == 4096  # 4 chunks of 4,096, not 4 of 4,194 and 392 padded
+    for tokens, vocab, per_token in [(16384, 32000, 1), (65536, 32000, 1), (5000, 32000, 1), (4096, 8192, 1), (16384, 32000, 2), (1, 32000, 1)]:
+        size = loss.default_chunk_tokens(tokens, vocab, per_token)
+        chunks = -(-tokens // size)
+        assert size * vocab * per_token <= loss.CHUNK_LOGITS or size == 1
+        assert chunks == -(-tokens // min(tokens, loss.CHUNK_LOGITS // (vocab * per_token)))  # no more chunks than the budget needs
+        assert chunks * size - tokens < chunks  # fewer padded tokens than chunks
+    monkeypatch.setattr(loss.jax, "default_backend", lambda: "cpu")
+    assert loss.default_chunk_tokens(4096, 4096) == 256 and loss.default_chunk_tokens(300, 4096) == 150

@@ -22,10 +22,18 @@ CPU_CHUNK_TOKENS = 256
 
 
 def default_chunk_tokens(n_tokens: int, vocab: int, logits_per_token: int = 1) -> int:
-    """Tokens per chunk of the chunked head: a memory budget on accelerators, cache-sized on CPU."""
+    """Tokens per chunk of the chunked head: a memory budget on accelerators, cache-sized on CPU.
+
+    The fewest chunks within that size, made as even as they go: 16,384 tokens at a 32,000
+    vocabulary run as 4 chunks of 4,096, not 4 of 4,194 with 392 padded tokens' logits made
+    for nothing."""
     if jax.default_backend() == "cpu":
-        return max(1, min(n_tokens, CPU_CHUNK_TOKENS))
-    return max(1, min(n_tokens, CHUNK_LOGITS // (logits_per_token * vocab)))
+        most = CPU_CHUNK_TOKENS
+    else:
+        most = CHUNK_LOGITS // (logits_per_token * vocab)
+    most = max(1, min(n_tokens, most))
+    chunks = -(-n_tokens // most)
+    return -(-n_tokens // chunks)
 
 
 def token_cross_entropy(logits_BTV, targets_BT):
