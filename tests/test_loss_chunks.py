@@ -1,6 +1,7 @@
 """The memory-lean objective: head + cross-entropy in token chunks equals the full-logits one."""
 
 import jax
+import jax.extend  # jax.extend.core.Jaxpr: walking the gradient's jaxpr for its matmuls
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -128,8 +129,6 @@ def test_bf16_head_gradient_matmuls_take_bf16_operands():
     # autodiff of fp32 logits ran the head's two backward matmuls on fp32 operands (fp32 GEMMs on a
     # GPU, about half of small's memory traffic with the remade logits: BENCHMARKS.md); all the
     # head's matmuls now take the compute dtype, with fp32 accumulation
-    import jax.extend  # noqa: F401
-
     c = load_config("nano").model
     B, T, D, V = 2, 16, 128, 256
     k = jax.random.split(jax.random.key(1), 3)
@@ -163,3 +162,39 @@ def test_default_chunks_are_even_within_the_budget(monkeypatch):
         assert chunks * size - tokens < chunks  # fewer padded tokens than chunks
     monkeypatch.setattr(loss.jax, "default_backend", lambda: "cpu")
     assert loss.default_chunk_tokens(4096, 4096) == 256 and loss.default_chunk_tokens(300, 4096) == 150
+
+
+def test_fp32_logits_is_autodiff_in_fp32_and_keeps_bf16_operands_in_bf16():
+    # the head matmul GRPO's log-probs and distillation's student use (dsjax.model.loss.fp32_logits)
+    from dsjax.model.loss import chunked_head_kl, fp32_logits
+    from dsjax.posttrain.grpo import _chunk_logprobs
+
+    k = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(k[0], (12, 32), jnp.float32)
+    head = jax.random.normal(k[1], (32, 64), jnp.float32) * 0.1
+    probe = jax.random.normal(k[2], (12, 64), jnp.float32)
+
+    def score(f):
+        return lambda x_, w_: jnp.sum(jnp.tanh(f(x_, w_)) * probe)
+
+    plain = lambda x_, w_: jnp.dot(x_, w_, preferred_element_type=jnp.float32)  # noqa: E731
+    value_f, grads_f = jax.value_and_grad(score(fp32_logits), argnums=(0, 1))(x, head)
+    value_p, grads_p = jax.value_and_grad(score(plain), argnums=(0, 1))(x, head)
+    assert abs(float(value_f) - float(value_p)) <= 1e-6 * abs(float(value_p))
+    assert all(_rel(a, b) <= 1e-6 for a, b in zip(grads_f, grads_p))
+
+    c = load_config("nano").model
+    h = jax.random.normal(k[0], (16, c.hidden_size), jnp.bfloat16)
+    w = jax.random.normal(k[1], (c.hidden_size, 128), jnp.float32) * 0.05
+    scale = jnp.ones((c.hidden_size,), jnp.float32)
+    targets = jax.random.randint(k[2], (16,), 0, 128)
+    users = {
+        "grpo log-probs": lambda h_, s_, w_: jnp.sum(_chunk_logprobs(h_, targets, s_, w_, c)[0]),
+        "distillation KL": lambda h_, s_, w_: chunked_head_kl(
+            h_[None], s_, w_, h_[None] * 0.5, s_, w_ * 2, jnp.ones((1, 16)), 2.0, c, c, chunk_tokens=8
+        ),
+    }
+    for name, f in users.items():
+        dots = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(h, scale, w).jaxpr)
+        # the student's matmuls and their gradients take bf16 operands; the KL's teacher is not differentiated
+        assert len(dots) >= 3 and all(d == (jnp.bfloat16, jnp.bfloat16) for d in dots), (name, dots)
