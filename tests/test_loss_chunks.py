@@ -165,8 +165,11 @@ def test_default_chunks_are_even_within_the_budget(monkeypatch):
 
 
 def test_fp32_logits_is_autodiff_in_fp32_and_keeps_bf16_operands_in_bf16():
-    # the head matmul GRPO's log-probs and distillation's student use (dsjax.model.loss.fp32_logits)
-    from dsjax.model.loss import chunked_head_kl, fp32_logits
+    # the head matmul of the whole-logits forward (the mesh loss path), GRPO's log-probs and
+    # distillation's student (dsjax.model.layers.fp32_logits)
+    from dsjax.model.layers import fp32_logits
+    from dsjax.model.loss import chunked_head_kl
+    from dsjax.model.transformer import logits_from_hidden
     from dsjax.posttrain.grpo import _chunk_logprobs
 
     k = jax.random.split(jax.random.key(2), 3)
@@ -174,14 +177,15 @@ def test_fp32_logits_is_autodiff_in_fp32_and_keeps_bf16_operands_in_bf16():
     head = jax.random.normal(k[1], (32, 64), jnp.float32) * 0.1
     probe = jax.random.normal(k[2], (12, 64), jnp.float32)
 
-    def score(f):
-        return lambda x_, w_: jnp.sum(jnp.tanh(f(x_, w_)) * probe)
-
     plain = lambda x_, w_: jnp.dot(x_, w_, preferred_element_type=jnp.float32)  # noqa: E731
-    value_f, grads_f = jax.value_and_grad(score(fp32_logits), argnums=(0, 1))(x, head)
-    value_p, grads_p = jax.value_and_grad(score(plain), argnums=(0, 1))(x, head)
-    assert abs(float(value_f) - float(value_p)) <= 1e-6 * abs(float(value_p))
-    assert all(_rel(a, b) <= 1e-6 for a, b in zip(grads_f, grads_p))
+    for x_, probe_ in ((x, probe), (x.reshape(3, 4, 32), probe.reshape(3, 4, 64))):  # [tokens, D] and [B, T, D]
+        def score(f, probe_=probe_):
+            return lambda a, w_: jnp.sum(jnp.tanh(f(a, w_)) * probe_)
+
+        value_f, grads_f = jax.value_and_grad(score(fp32_logits), argnums=(0, 1))(x_, head)
+        value_p, grads_p = jax.value_and_grad(score(plain), argnums=(0, 1))(x_, head)
+        assert abs(float(value_f) - float(value_p)) <= 1e-6 * abs(float(value_p))
+        assert all(_rel(a, b) <= 1e-6 for a, b in zip(grads_f, grads_p))
 
     c = load_config("nano").model
     h = jax.random.normal(k[0], (16, c.hidden_size), jnp.bfloat16)
@@ -189,6 +193,8 @@ def test_fp32_logits_is_autodiff_in_fp32_and_keeps_bf16_operands_in_bf16():
     scale = jnp.ones((c.hidden_size,), jnp.float32)
     targets = jax.random.randint(k[2], (16,), 0, 128)
     users = {
+        "whole-logits forward": lambda h_, s_, w_: jnp.sum(jax.nn.log_softmax(logits_from_hidden(
+            {"embed_tokens": {"embedding": w_.T}, "lm_head": {"kernel": w_}}, h_[None], s_, c))[..., 0]),
         "grpo log-probs": lambda h_, s_, w_: jnp.sum(_chunk_logprobs(h_, targets, s_, w_, c)[0]),
         "distillation KL": lambda h_, s_, w_: chunked_head_kl(
             h_[None], s_, w_, h_[None] * 0.5, s_, w_ * 2, jnp.ones((1, 16)), 2.0, c, c, chunk_tokens=8

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax.config import ModelConfig
-from dsjax.model.layers import rms_norm
+from dsjax.model.layers import fp32_logits, rms_norm
 from dsjax.model.transformer import forward, forward_hidden, head_kernel
 
 # fp32 logits a chunk may hold: 2**27 values = 512 MiB (4,096 tokens at a 32,000 vocabulary)
@@ -34,34 +34,6 @@ def default_chunk_tokens(n_tokens: int, vocab: int, logits_per_token: int = 1) -
     most = max(1, min(n_tokens, most))
     chunks = -(-n_tokens // most)
     return -(-n_tokens // chunks)
-
-
-@jax.custom_vjp
-def fp32_logits(x_CD, head_DV):
-    """x @ head in x's dtype, accumulated and returned in fp32, whose gradient enters the two
-    backward matmuls in x's dtype (fp32 accumulation).
-
-    Autodiff of `jnp.dot(x, head, preferred_element_type=float32)` gives the matmuls of the
-    backward pass the logits' fp32 cotangent, which makes them fp32 GEMMs on a GPU when x is
-    bf16; every other layer's backward matmuls take bf16 operands. In fp32 this is the same
-    as autodiff. GRPO's log-probs and distillation's student logits use it; the pretraining
-    loss makes the same matmuls itself (`_nll_with_gradients_in_forward`)."""
-    return jnp.dot(x_CD, head_DV.astype(x_CD.dtype), preferred_element_type=jnp.float32)
-
-
-def _fp32_logits_forward(x_CD, head_DV):
-    return fp32_logits(x_CD, head_DV), (x_CD, head_DV)
-
-
-def _fp32_logits_backward(saved, d_logits_CV):
-    x_CD, head_DV = saved
-    d_CV = d_logits_CV.astype(x_CD.dtype)
-    d_x_CD = jnp.dot(d_CV, head_DV.astype(x_CD.dtype).T, preferred_element_type=jnp.float32).astype(x_CD.dtype)
-    d_head_DV = jnp.dot(x_CD.T, d_CV, preferred_element_type=jnp.float32).astype(head_DV.dtype)
-    return d_x_CD, d_head_DV
-
-
-fp32_logits.defvjp(_fp32_logits_forward, _fp32_logits_backward)
 
 
 def token_cross_entropy(logits_BTV, targets_BT):

@@ -36,8 +36,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax import model
 from dsjax.config import Config, ModelConfig, TrainingConfig
-from dsjax.model.layers import rms_norm
-from dsjax.model.loss import default_chunk_tokens, fp32_logits
+from dsjax.model.layers import fp32_logits, rms_norm
+from dsjax.model.loss import default_chunk_tokens
 from dsjax.model.transformer import forward_hidden, head_kernel
 from dsjax.train.optimizer import global_norm, lr_schedule, make_optimizer
 from dsjax.train.step import TrainState, state_shardings_for, under_mesh
