@@ -16,38 +16,6 @@ def rms_norm(x, scale, eps: float):
     return (normed * scale).astype(x.dtype)
 
 
-@jax.custom_vjp
-def fp32_logits(x_XD, head_DV):
-    """x @ head in x's dtype, accumulated and returned in fp32 (any leading axes), whose
-    gradient enters the two backward matmuls in x's dtype (fp32 accumulation).
-
-    Autodiff of `jnp.dot(x, head, preferred_element_type=float32)` gives the matmuls of the
-    backward pass the logits' fp32 cotangent, which makes them fp32 GEMMs on a GPU when x is
-    bf16; every other layer's backward matmuls take bf16 operands. In fp32 this is autodiff's
-    gradient. The output head uses it (`transformer.logits_from_hidden`, GRPO's log-probs,
-    distillation's student); the chunked pretraining loss makes the same matmuls itself
-    (`loss._nll_with_gradients_in_forward`)."""
-    return jnp.dot(x_XD, head_DV.astype(x_XD.dtype), preferred_element_type=jnp.float32)
-
-
-def _fp32_logits_forward(x_XD, head_DV):
-    return fp32_logits(x_XD, head_DV), (x_XD, head_DV)
-
-
-def _fp32_logits_backward(saved, d_logits_XV):
-    x_XD, head_DV = saved
-    d_XV = d_logits_XV.astype(x_XD.dtype)
-    d_x_XD = jnp.dot(d_XV, head_DV.astype(x_XD.dtype).T, preferred_element_type=jnp.float32).astype(x_XD.dtype)
-    leading = tuple(range(x_XD.ndim - 1))
-    d_head_DV = jax.lax.dot_general(
-        x_XD, d_XV, ((leading, leading), ((), ())), preferred_element_type=jnp.float32
-    ).astype(head_DV.dtype)
-    return d_x_XD, d_head_DV
-
-
-fp32_logits.defvjp(_fp32_logits_forward, _fp32_logits_backward)
-
-
 def swiglu(x, gate_kernel, up_kernel, down_kernel):
     dtype = x.dtype
     hidden = jax.nn.silu(x @ gate_kernel.astype(dtype)) * (x @ up_kernel.astype(dtype))

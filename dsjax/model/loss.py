@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax.config import ModelConfig
-from dsjax.model.layers import fp32_logits, rms_norm
+from dsjax.model.layers import rms_norm
 from dsjax.model.transformer import forward, forward_hidden, head_kernel
 
 # fp32 logits a chunk may hold: 2**27 values = 512 MiB (4,096 tokens at a 32,000 vocabulary)
@@ -134,13 +134,11 @@ def _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, eps: float, one_
     cross-entropy of 4,096 tokens, forward + backward, 2-core CPU: about 110 -> 87 ms).
     Used only when the value is differentiated (JAX runs `chunked_nll` alone otherwise).
 
-    Logits and the softmax are fp32 in every dtype. The gradient of the logits goes into
-    the two matmuls of the backward pass in the compute dtype (the hidden state's: bf16 on
-    an accelerator), accumulated in fp32, as autodiff does for every other layer and as a
-    bf16 head's logits would have it. Autodiff of the fp32 logits instead ran both of those
-    matmuls in fp32 on fp32 operands: on the H200 target they were the only fp32 GEMMs of
-    `small`'s step that mattered, and with the remade logits, the head moved about 57 of
-    the step's 101 GB (`benchmarks/gpu_kernels.py --bytes`, BENCHMARKS.md).
+    Logits, the softmax and the logits' gradient are fp32 in every dtype, and the two
+    backward matmuls take that fp32 gradient, as autodiff of fp32 logits does: the same
+    gradients as autodiff (bf16 hidden states and head included), without the remade
+    logits (on the H200 target, with bf16 compute, the remade head moved about 57 of
+    `small`'s 101 GB per step: BENCHMARKS.md).
     """
 
     @jax.custom_vjp
@@ -150,6 +148,7 @@ def _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, eps: float, one_
     def forward(h_nCD, t_nC, w_nC, norm_scale, head_DV):
         compute = h_nCD.dtype
         head_cD = head_DV.astype(compute)
+        head_fD = head_cD.astype(jnp.float32)  # the compute dtype's values, for the fp32 backward matmuls
 
         def body(carry, chunk):
             total, d_head_DV, d_scale_D = carry
@@ -157,13 +156,14 @@ def _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, eps: float, one_
             normed_CD, norm_vjp = jax.vjp(lambda h, s: rms_norm(h, s, eps), h_CD, norm_scale)
             logits_CV = jnp.dot(normed_CD, head_cD, preferred_element_type=jnp.float32)
             nll_C, log_z_C1, is_target_CV = _chunk_nll(logits_CV, t_C, one_pass)
-            # d(sum w * nll) / d logits = w * (softmax - onehot(target))
-            d_logits_CV = (w_C[:, None] * (jnp.exp(logits_CV - log_z_C1) - is_target_CV)).astype(compute)
-            d_normed_CD = jnp.dot(d_logits_CV, head_cD.T, preferred_element_type=jnp.float32).astype(compute)
-            d_h_CD, d_scale_D_chunk = norm_vjp(d_normed_CD)
+            # d(sum w * nll) / d logits = w * (softmax - onehot(target)), kept in fp32 for both matmuls
+            # as autodiff keeps it (fp32 GEMMs on a GPU): rounded to bf16 first, six seeds of bf16
+            # `nano` ended 100 steps 0.021 higher in val loss on average (BENCHMARKS.md)
+            d_logits_CV = w_C[:, None] * (jnp.exp(logits_CV - log_z_C1) - is_target_CV)
+            d_h_CD, d_scale_D_chunk = norm_vjp(jnp.dot(d_logits_CV, head_fD.T).astype(compute))
             carry = (
                 total + jnp.sum(nll_C * w_C),
-                d_head_DV + jnp.dot(normed_CD.T, d_logits_CV, preferred_element_type=jnp.float32),
+                d_head_DV + jnp.dot(normed_CD.astype(jnp.float32).T, d_logits_CV),
                 d_scale_D + d_scale_D_chunk,
             )
             return carry, (d_h_CD, nll_C)
@@ -206,7 +206,9 @@ def chunked_head_kl(
     w_N = jnp.pad(weight_BT.reshape(N).astype(jnp.float32), (0, pad))
 
     def chunk_kl(h_CD, th_CD, w_C):
-        student = fp32_logits(rms_norm(h_CD, norm_scale, c.rms_norm_eps), head_DV)
+        student = jnp.dot(
+            rms_norm(h_CD, norm_scale, c.rms_norm_eps), head_DV.astype(h_CD.dtype), preferred_element_type=jnp.float32
+        )
         teacher = jnp.dot(
             rms_norm(th_CD, teacher_norm_scale, teacher_c.rms_norm_eps), teacher_head_DV.astype(th_CD.dtype),
             preferred_element_type=jnp.float32,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig, resolve_compute_dtype
 from dsjax.model import mla
-from dsjax.model.layers import fp32_logits, rms_norm, rope_cos_sin, swiglu, swiglu_side_by_side
+from dsjax.model.layers import rms_norm, rope_cos_sin, swiglu, swiglu_side_by_side
 from dsjax.model.moe import bias_update, moe, moe_decode
 from dsjax.model.moe import decode_weights as moe_decode_weights
 from meshes import pipeline
@@ -62,7 +62,8 @@ def _layer_fn(c: ModelConfig, moe_impl: str):
 
 def logits_from_hidden(params, h_BTD, norm_scale, c: ModelConfig):
     """Final norm + output head; logits always fp32."""
-    logits = fp32_logits(rms_norm(h_BTD, norm_scale, c.rms_norm_eps), head_kernel(params, c))
+    h = rms_norm(h_BTD, norm_scale, c.rms_norm_eps)
+    logits = jnp.dot(h, head_kernel(params, c).astype(h.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "sequence", "activation_vocab"))
 
 

@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax import model
 from dsjax.config import Config, ModelConfig, TrainingConfig
-from dsjax.model.layers import fp32_logits, rms_norm
+from dsjax.model.layers import rms_norm
 from dsjax.model.loss import default_chunk_tokens
 from dsjax.model.transformer import forward_hidden, head_kernel
 from dsjax.train.optimizer import global_norm, lr_schedule, make_optimizer
@@ -77,7 +77,8 @@ def group_advantages(rewards_PG, scale: bool = True):
 
 def _chunk_logprobs(h_CD, t_C, norm_scale, head_DV, c: ModelConfig):
     """(log p(target), entropy) per token of one chunk; its fp32 logits live only inside."""
-    logits_CV = fp32_logits(rms_norm(h_CD, norm_scale, c.rms_norm_eps), head_DV)
+    normed = rms_norm(h_CD, norm_scale, c.rms_norm_eps)
+    logits_CV = jnp.dot(normed, head_DV.astype(normed.dtype), preferred_element_type=jnp.float32)
     logp_CV = jax.nn.log_softmax(logits_CV, axis=-1)
     target_C = jnp.take_along_axis(logp_CV, t_C[:, None], axis=-1)[:, 0]
     probs = jax.lax.stop_gradient(jnp.exp(logp_CV))
