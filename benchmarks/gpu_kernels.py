@@ -160,9 +160,9 @@ def floors(launches, target: str) -> dict:
     }
 
 
-def _print_floors(f: dict, target: str, per: str, top: bool) -> None:
-    name, facts = TARGETS[target]
-    print(f"  memory moved {f['gb_moved']:,.3f} GB per {per} ({f['memory_floor_ms']:.3f} ms at {facts['memory_bandwidth'] / 1e12:.1f} TB/s); "
+def _print_floors(f: dict, target: str, top: bool) -> None:
+    bandwidth = TARGETS[target][1]["memory_bandwidth"]
+    print(f"  memory moved {f['gb_moved']:,.3f} GB per step ({f['memory_floor_ms']:.3f} ms at {bandwidth / 1e12:.1f} TB/s); "
           f"GEMMs {f['gemm_tflop']:,.3f} TFLOP ({f['gemm_floor_ms']:.3f} ms at bf16 peak): estimates, each buffer read whole once")
     if top:
         print("  the JAX ops that move the most memory:")
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
             print("  by kind:")
             for kind, n in launches.by_kind.most_common():
                 print(f"    {n:6,}  {kind}")
-            _print_floors(row, args.target, "step", bool(args.top))
+            _print_floors(row, args.target, bool(args.top))
             _print_top(row, "")
     return 0
 

@@ -114,15 +114,8 @@ def _dot_flops(name: str, comps: dict[str, list[str]], shapes: dict[str, str], s
             continue
         shape, op, rest = m.groups()
         if op == "dot":
-            lhs = _dims(shapes.get(operand_names(rest)[0], ""))
             contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-            k = 1
-            for d in filter(None, contracted.group(1).split(",") if contracted else ()):
-                k *= lhs[int(d)] if int(d) < len(lhs) else 1
-            out = 1
-            for d in _dims(shape):
-                out *= d
-            flops += 2 * out * k
+            flops += _matmul_flops(shape, rest, shapes, contracted.group(1) if contracted else "")
         elif op == "fusion":
             sub = re.search(r"calls=%?([\w.\-]+)", rest)
             flops += _dot_flops(sub.group(1), comps, shapes, seen + (name,)) if sub else 0
@@ -131,11 +124,16 @@ def _dot_flops(name: str, comps: dict[str, list[str]], shapes: dict[str, str], s
 
 def _cublas_flops(shape: str, rest: str, shapes: dict[str, str]) -> int:
     """2 x M x N x K of a cuBLAS custom call (output first in its tuple, then the workspace)."""
-    lhs = _dims(shapes.get((operand_names(rest) or [""])[0], ""))
     contracted = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)
+    return _matmul_flops(shape, rest, shapes, contracted.group(1) if contracted else "")
+
+
+def _matmul_flops(shape: str, rest: str, shapes: dict[str, str], contracted: str) -> int:
+    """2 x output elements x the lhs's contracted size; `contracted` lists the lhs dims ("1" or '"1","2"')."""
+    lhs = _dims(shapes.get((operand_names(rest) or [""])[0], ""))
     k = 1
-    for d in re.findall(r"\d+", contracted.group(1)) if contracted else ():
-        k *= lhs[int(d)] if int(d) < len(lhs) else 1
+    for d in map(int, re.findall(r"\d+", contracted)):
+        k *= lhs[d] if d < len(lhs) else 1
     out = 1
     for d in _dims(shape):
         out *= d

@@ -84,7 +84,7 @@ def test_chunked_head_gradients_in_every_input_equal_autodiff_of_full_logits(one
 
 
 def test_bf16_head_chunk_by_chunk_matches_one_chunk_and_fp32():
-    # bf16 heads take the same custom VJP as fp32 ones, the logits' gradient in bf16
+    # bf16 heads take the same custom VJP as fp32 ones, with one chunk or several
     c = load_config("nano").model
     B, T, D, V = 3, 20, 128, 512
     k = jax.random.split(jax.random.key(0), 4)
@@ -99,13 +99,13 @@ def test_bf16_head_chunk_by_chunk_matches_one_chunk_and_fp32():
         return jax.jit(jax.value_and_grad(nll, argnums=(0, 1, 2)))(*inputs)
 
     value_7, grads_7 = value_and_grads(7, h, scale, head)  # nine chunks, the last one padded
-    value_1, grads_1 = value_and_grads(60, h, scale, head)  # one chunk: plain autodiff
+    value_1, grads_1 = value_and_grads(60, h, scale, head)  # one chunk
     _, grads_32 = value_and_grads(60, *(x.astype(jnp.float32) for x in (h, scale, head)))
     assert all(g.dtype == jnp.bfloat16 for g in grads_7)
     assert abs(float(value_7) - float(value_1)) <= 1e-6 * abs(float(value_1))
     # a token's d(hidden) comes from its own chunk: the same ops as one chunk
     assert _rel(grads_7[0].astype(jnp.float32), grads_1[0].astype(jnp.float32)) <= 1e-6
-    # d(scale) and d(head) add nine bf16 partial sums: within two bf16 ulps (2^-7) of the fp32 gradient
+    # d(scale) and d(head) add nine partial sums and end in bf16: within two bf16 ulps (2^-7) of the fp32 gradient
     for g_7, g_32 in zip(grads_7[1:], grads_32[1:]):
         assert _rel(g_7.astype(jnp.float32), g_32) <= 2**-7
 

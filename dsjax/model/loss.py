@@ -57,9 +57,8 @@ def chunked_head_nll(h_BTD, norm_scale, head_DV, targets_BT, weight_BT, c: Model
     reduced to its weighted NLL and dropped. When the value is differentiated, each
     chunk's gradients are made in the forward pass while its logits exist, so the
     backward pass remakes nothing (`_nll_with_gradients_in_forward`). Chunk size:
-    `default_chunk_tokens`. Same value and gradients as `token_cross_entropy` over full
-    logits in fp32 (summation order aside); in bf16 the logits' gradient enters the
-    backward matmuls in bf16.
+    `default_chunk_tokens`. Same value and gradients as autodiff of `token_cross_entropy`
+    over full logits, in fp32 and bf16 (summation order aside).
     """
     B, T, D = h_BTD.shape
     V = head_DV.shape[1]
