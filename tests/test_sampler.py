@@ -83,3 +83,28 @@ def test_cache_lengths_round_up_to_a_multiple_of_128(nano):
     assert CACHE_MULTIPLE == 128
     assert [_cache_length(c, 4, n) for n in (100, 124, 125, 1000)] == [128, 128, 256, 1024]
     assert _cache_length(c, 4, 1090) == 1100  # never past the model's positions
+
+
+def test_one_row_decode_loop_copies_no_cache_buffer(nano):
+    """XLA:CPU copied each [1, S, W] cache buffer three times per layer and token when one row was decoded
+    (`mla._write_cache`); carried as [S, W] and written as a matrix, the loop writes each token in place."""
+    import re
+
+    import jax.numpy as jnp
+
+    from dsjax.hlo_launches import computations
+    from dsjax.infer import sampler
+
+    c, params = nano
+    s = SamplingConfig(max_new_tokens=8, temperature=0.8)
+    prefill, decode_chunk = sampler._programs(c, s, (), c.max_position_embeddings, 8)
+    prompts, prompt_len = jnp.asarray([PROMPT_A]), jnp.asarray([len(PROMPT_A)])
+    state = prefill(params, prompts, prompt_len, jax.random.key_data(jax.random.key(0))[None], len(PROMPT_A))
+    hlo = decode_chunk.lower(sampler._decode_layouts(params, c), state, prompts, prompt_len).compile().as_text()
+    _, comps = computations(hlo)
+    bodies = re.findall(r"\bwhile\(.*?body=%?([\w.\-]+)", hlo)
+    S = c.max_position_embeddings
+    cache_copies = [
+        line for body in bodies for line in comps[body] if re.search(rf"\[(1,)?{S},\d+\]\S* copy\(", line)
+    ]
+    assert bodies and not cache_copies, cache_copies[:3]

@@ -41,7 +41,7 @@ from dsjax.infer.generate import SamplingConfig, SamplingError, sample_token
 
 
 class DecodeState(NamedTuple):
-    cache: Any
+    cache: Any  # one row: each buffer without its batch axis (`_carried`)
     token_B: jax.Array  # the input token at `position` for every row
     position: jax.Array  # int32 scalar: the cache position of token_B
     key_data_B: jax.Array  # [B, ...] raw per-row PRNG keys
@@ -87,6 +87,19 @@ def _record(state: DecodeState, token_B, forced_B, stop_ids: tuple[int, ...], ke
     return state._replace(token_B=token_B, position=next_pos, done_B=done_B, count_B=count_B, out_BN=out_BN)
 
 
+def _carried(cache, rows: int):
+    """The cache as the loop carries it: a single row's buffers without their batch axis of one.
+
+    Carried as [1, S, W], each buffer was copied three times per layer and token on XLA:CPU
+    (`mla._write_cache` says why); as [S, W] the loop writes each token in place. `_uncarried`
+    gives `decode_step` its [B, S, W] buffers back (views, no copies)."""
+    return jax.tree.map(lambda x: x[0], cache) if rows == 1 else cache
+
+
+def _uncarried(cache, rows: int):
+    return jax.tree.map(lambda x: x[None], cache) if rows == 1 else cache
+
+
 # the weights in the layouts the decode loop multiplies by, made once per sampling call
 # (inside the loop XLA:CPU remade them for every token; per chunk they cost about 1.2 ms a call)
 _decode_layouts = jax.jit(model.with_decode_layouts, static_argnums=1)
@@ -95,7 +108,7 @@ _decode_layouts = jax.jit(model.with_decode_layouts, static_argnums=1)
 def _pinned(state: DecodeState, rows) -> DecodeState:
     """The state's per-row arrays held in `rows`' layout (rows split over its axes), so each device keeps its rows'
     cache, keys and tokens through the loop; without it XLA may gather the state onto every device."""
-    if rows is None:
+    if rows is None or state.token_B.shape[0] == 1:  # one row is not split (and its cache has no row axis)
         return state
     axis = rows.spec[0]
 
@@ -121,7 +134,7 @@ def _programs(
         cache = model.init_cache(c, batch=B, max_len=max_len)
         logits_BTV, cache = model.decode_step(params, prompts_BP[:, :prefix_len], cache, 0, c)
         state = DecodeState(
-            cache=cache,
+            cache=_carried(cache, B),
             token_B=prompts_BP[:, prefix_len - 1],
             position=jnp.int32(prefix_len - 1),
             key_data_B=key_data_B,
@@ -142,11 +155,12 @@ def _programs(
 
         def body(carry):
             i, st = carry
-            logits_BTV, cache = model.decode_step(params, st.token_B[:, None], st.cache, st.position, c)
+            B = st.token_B.shape[0]
+            logits_BTV, cache = model.decode_step(params, st.token_B[:, None], _uncarried(st.cache, B), st.position, c)
             token_B, forced_B, key_data_B = _next_tokens(
                 logits_BTV[:, -1], st.position, prompts_BP, prompt_len_B, st.key_data_B, s
             )
-            st = st._replace(cache=cache, key_data_B=key_data_B)
+            st = st._replace(cache=_carried(cache, B), key_data_B=key_data_B)
             return i + 1, _pinned(_record(st, token_B, forced_B, stop_ids, keep_stop, max_len), rows)
 
         _, state = jax.lax.while_loop(running, body, (jnp.int32(0), state))
