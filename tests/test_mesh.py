@@ -133,7 +133,8 @@ def test_mesh_validation_errors():
         validate(MeshShape(tp=4), wide)
 
 
-def test_cli_reports_mesh_errors(capsys, tinystories_dir):
+def test_cli_reports_mesh_errors(capsys, tinystories_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default outputs/ and checkpoints/: a user's own run there is another error
     code = main(["run", "--stages", "pretrain", "--data-dir", str(tinystories_dir), "--tp-size", "3", "--dp-size", "1"])
     assert code == 2
     assert "num_attention_heads=4 is not divisible by tp_size=3" in capsys.readouterr().err
