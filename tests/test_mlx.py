@@ -71,7 +71,7 @@ def test_one_adamw_step_matches_optax():
     grads["layers"]["1"]["mlp"]["gate"]["e_score_correction_bias"] *= 0  # as in training: no gradient
     optimizer = make_optimizer(config.training)
 
-    @jax.jit  # one program: optax's ops run eagerly compiled one small program per op and leaf shape (15 s)
+    @jax.jit  # one program: run eagerly, optax's ops compiled a small program per op and leaf shape (15 s)
     def adamw_step(params, grads):
         updates, _ = optimizer.update(grads, optimizer.init(params), params)
         return optax.apply_updates(params, updates)
