@@ -1,6 +1,7 @@
 import json
 import os
 
+import grain
 import numpy as np
 import pytest
 
@@ -187,6 +188,13 @@ def test_grain_pipeline_shuffles_shards_and_resumes(tmp_path, tinystories_dir, t
     fresh.set_state(json.loads(json.dumps(state)))  # the state survives a JSON round trip
     for want in expected:
         np.testing.assert_array_equal(np.asarray(next(fresh)), want)
+    # the same batches as Grain shuffling the windows themselves (the order runs before the
+    # index-gathering pipeline trained on), across an epoch's end
+    windows, _ = split.windows(63)
+    shuffled_windows = grain.MapDataset.source(windows).shuffle(seed=3).repeat(None).batch(8, drop_remainder=True)
+    again = iter(train_dataset(split, 63, 8, seed=3))
+    for i in range(len(windows) // 8 + 2):
+        np.testing.assert_array_equal(np.asarray(next(again)), np.asarray(shuffled_windows[i]))
     other_seed = np.asarray(next(iter(train_dataset(split, 63, 8, seed=4))))
     assert not np.array_equal(other_seed, first[0])
     # two processes each feed their half of the same global batch

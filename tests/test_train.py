@@ -12,6 +12,7 @@ from dsjax import model, progress
 from dsjax.cli import main
 from dsjax.config import load_config
 from dsjax.train.metrics import METRIC_COLUMNS
+from dsjax.train.loop_timing import HostLoopTimer
 from dsjax.train.optimizer import decay_mask, lr_schedule
 from dsjax.train.step import (
     FOLD_ACTIVATION_BYTES,
@@ -75,6 +76,28 @@ def test_the_bar_advances_every_step_with_an_eta(trained):
     assert all("eta" in u for u in completed) and completed[-1]["eta"] == "0:00:00"
 
 
+def test_host_loop_timer_splits_each_step():
+    ticks = iter([0.0, 1.0, 3.0, 10.0, 10.0, 12.0, 15.0, 16.5, 20.0, 21.0])
+    timer = HostLoopTimer(clock=lambda: next(ticks))
+    timer.start()
+    timer.lap("data", counted=False)  # the first step compiles
+    timer.lap("call", counted=False)
+    timer.lap("waiting", counted=False)
+    timer.start()
+    timer.lap("data")
+    timer.lap("call")
+    timer.step_timed()
+    timer.lap("waiting")
+    timer.start()
+    timer.lap("metrics")
+    assert timer.steps == 1
+    assert timer.ms_per_step() == {"data": 2000.0, "call": 3000.0, "waiting": 1500.0, "metrics": 1000.0}
+    assert timer.describe() == (
+        "host loop, ms per step over 1 steps after the first: data 2000.00, step call 3000.00, "
+        "waiting for the device 1500.00, metrics 1000.00"
+    )
+
+
 def read_rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -94,6 +117,9 @@ def test_training_writes_documented_files(trained):
     assert resolved["training"]["batch_size"] == 8 and resolved["model"]["vocab_size"] == 4096
     state = json.loads((ck / "final/training_state.json").read_text())
     assert state["step"] == 12 and state["tokens_seen"] == 12 * 8 * 64
+    # where the loop's host time went: steps 2-12 dispatched, steps 2-11 waited for
+    assert set(state["host_loop_ms_per_step"]) == {"data", "call", "waiting", "metrics"}
+    assert all(ms >= 0 for ms in state["host_loop_ms_per_step"].values())
 
 
 def test_a_few_steps_lower_the_loss_on_real_data(trained):
@@ -296,3 +322,51 @@ def test_eval_step_compiled_ahead_is_not_compiled_again():
         compiles.clear()
         jax.block_until_ready(eval_step(params, *args))
         assert compiles == [], f"the eval step compiled again ({'mesh' if mesh else 'one device'})"
+
+
+def test_train_step_compiled_ahead_is_not_compiled_again():
+    """The loop compiles the train step on a background thread from specs (the state's from its config, the batch's
+    from a peek at the data) while the state is made; the first step then compiles nothing, also on a mesh."""
+    from dsjax.train import distributed, precompile
+    from dsjax.train.loop import peek, train_state_specs
+    from dsjax.train.step import batch_sharding, state_shardings_for
+
+    config = load_config("nano")
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_hidden_layers=2, num_nextn_predict_layers=0))
+    config = dataclasses.replace(config, training=dataclasses.replace(config.training, batch_size=4, seq_len=32))
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _secs, **_: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+    )
+    for dp in (1, 2):
+        c = dataclasses.replace(config, distributed=dataclasses.replace(config.distributed, dp_size=dp))
+        mesh, _ = distributed.setup_mesh(c, dp)  # None on one device
+        data = _ListIterator([np.full((4, 33), i, np.int32) for i in range(3)])
+        first = peek(data)
+        assert first[0, 0] == 0 and next(data)[0, 0] == 0  # peeking does not consume
+        batch = distributed.to_global(first.reshape(1, 4, 33), None if mesh is None else batch_sharding(mesh))
+        train_step = make_train_step(c, mesh=mesh)
+        specs = (train_state_specs(c, mesh, 1), precompile.call_specs(batch, mesh))
+        precompile.start(getattr(train_step, "jitted", train_step), specs, mesh).join()
+        shardings = None if mesh is None else state_shardings_for(c, mesh)
+        state = jax.jit(init_state, static_argnums=(0, 2), out_shardings=shardings)(c, jax.random.key(0), 1)
+        compiles.clear()
+        jax.block_until_ready(train_step(state, batch))
+        assert compiles == [], f"the train step compiled again ({'mesh' if mesh else 'one device'})"
+
+
+class _ListIterator:
+    """A list as an iterator with Grain's get_state/set_state."""
+
+    def __init__(self, items):
+        self.items, self.position = items, 0
+
+    def __next__(self):
+        self.position += 1
+        return self.items[self.position - 1]
+
+    def get_state(self):
+        return {"next_index": self.position}
+
+    def set_state(self, state):
+        self.position = state["next_index"]

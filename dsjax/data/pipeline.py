@@ -156,14 +156,20 @@ def train_dataset(
         )
     local = batch_size // process_count
     first = process_index * local
+    # Grain shuffles and batches window *indices*; the rows are gathered in one take per batch.
+    # Same batches as shuffling the windows themselves, at a third of the cost per batch.
     dataset = (
-        grain.MapDataset.source(windows)
+        grain.MapDataset.range(len(windows))
         .shuffle(seed=seed)
         .repeat(None)
         .batch(batch_size, drop_remainder=True)
-        .map(lambda b: np.asarray(b[first : first + local], dtype=np.int32))
+        .map(lambda rows: np.asarray(windows[np.asarray(rows[first : first + local])], dtype=np.int32))
     )
-    return dataset.to_iter_dataset()
+    # One reader thread with a short queue: it gathers the next batches while the loop's step call
+    # (which releases the GIL) launches the step, so next() only takes a batch off the queue
+    # (156 us against 778 us without a thread, on a 2-core CPU). Grain's default, 16 threads and
+    # 500 batches, made next() 739 us here: the threads fought over the GIL.
+    return dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8))
 
 
 def eval_batches(split: TokenizedSplit, seq_len: int, batch_size: int, max_batches: int = 0):
