@@ -20,11 +20,13 @@ For a train step it also prints the memory the step moves and its GEMM FLOPs, es
 from the same program (`hlo_launches`: each kernel's operands and outputs read or written
 whole once), and the times those take at the target's bandwidth and bf16 peak: floors.
 Run 3 measured `small` 32 x 1 x 512 at 1.64x the sum of its kernels' floors (+2 us each).
-Without a device XLA cannot autotune: GEMMs keep a default Triton tiling, which can
-differ from what the GPU picks by a kernel per GEMM (`--xla_gpu_enable_triton_gemm=false`
-in XLA_FLAGS makes every GEMM one cuBLAS call instead; `gpu_session.sh tiny` saves the
-GPU's own choices as `autotune_tiny.textproto`, which
-`XLA_FLAGS=--xla_gpu_load_autotune_results_from=FILE` gives to this compile).
+The train step compiles with XLA's Triton GEMMs off (`train/step.py: STEP_COMPILER_OPTIONS`),
+so its GEMMs are cuBLAS calls here as on the GPU: 569 kernels counted for `tiny` 4 x 4 x 256
+folded against the H200's 568 (run 6). The decode loop keeps XLA's defaults: without a
+device XLA cannot autotune, and its GEMMs keep a default Triton tiling, which can differ from
+what the GPU picks by a kernel per GEMM (`gpu_session.sh tiny` saves the GPU's own choices
+as `autotune_tiny.textproto`, which `XLA_FLAGS=--xla_gpu_load_autotune_results_from=FILE`
+gives to this compile).
 """
 
 from __future__ import annotations
