@@ -295,20 +295,30 @@ def test_accumulation_auto_folds_only_what_fits():
     assert resolve_accumulation(one) == "scan"
 
 
+def two_layer_nano():
+    config = load_config("nano")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, num_hidden_layers=2, num_nextn_predict_layers=0))
+
+
+def recorded_compiles() -> list:
+    """The XLA compiles from now on, as JAX reports them (one entry each)."""
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _secs, **_: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+    )
+    return compiles
+
+
 def test_eval_step_compiled_ahead_is_not_compiled_again():
     """The loop's background compile of the eval step: its first call then compiles nothing, also on a mesh."""
     from dsjax.train import distributed, precompile
     from dsjax.train.loop import _eval_inputs
     from dsjax.train.step import make_eval_step, state_shardings_for
 
-    config = load_config("nano")
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_hidden_layers=2, num_nextn_predict_layers=0))
+    config = two_layer_nano()
     B, T = 4, 32
     batch = (np.zeros((B, T + 1), np.int32), np.ones((B, T + 1), np.int32), np.ones((B, T), np.float32))
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, _secs, **_: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
-    )
+    compiles = recorded_compiles()
     for dp in (1, 2):
         c = dataclasses.replace(config, distributed=dataclasses.replace(config.distributed, dp_size=dp))
         mesh, _ = distributed.setup_mesh(c, dp)  # None on one device
@@ -325,19 +335,15 @@ def test_eval_step_compiled_ahead_is_not_compiled_again():
 
 
 def test_train_step_compiled_ahead_is_not_compiled_again():
-    """The loop compiles the train step on a background thread from specs (the state's from its config, the batch's
-    from a peek at the data) while the state is made; the first step then compiles nothing, also on a mesh."""
+    """The loop compiles the train step on a background thread from specs (a fresh state's from its config, a restored
+    one's from its arrays, the batch's from a peek at the data); the first step then compiles nothing, also on a mesh."""
     from dsjax.train import distributed, precompile
     from dsjax.train.loop import peek, train_state_specs
     from dsjax.train.step import batch_sharding, state_shardings_for
 
-    config = load_config("nano")
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_hidden_layers=2, num_nextn_predict_layers=0))
+    config = two_layer_nano()
     config = dataclasses.replace(config, training=dataclasses.replace(config.training, batch_size=4, seq_len=32))
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, _secs, **_: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
-    )
+    compiles = recorded_compiles()
     for dp in (1, 2):
         c = dataclasses.replace(config, distributed=dataclasses.replace(config.distributed, dp_size=dp))
         mesh, _ = distributed.setup_mesh(c, dp)  # None on one device
@@ -353,6 +359,13 @@ def test_train_step_compiled_ahead_is_not_compiled_again():
         compiles.clear()
         jax.block_until_ready(train_step(state, batch))
         assert compiles == [], f"the train step compiled again ({'mesh' if mesh else 'one device'})"
+    # a restored state is committed to its device: its own placed specs give the same program
+    restored = jax.device_put(init_state(config, jax.random.key(1)), jax.devices()[0])
+    train_step = make_train_step(config)
+    precompile.start(train_step, (precompile.placed_specs(restored), np.zeros((1, 4, 33), np.int32))).join()
+    compiles.clear()
+    jax.block_until_ready(train_step(restored, np.zeros((1, 4, 33), np.int32)))
+    assert compiles == [], "the train step compiled again for a restored state"
 
 
 class _ListIterator:

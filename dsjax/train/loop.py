@@ -267,14 +267,6 @@ def _train(config, run_name, resume, paths, job: TrainingJob, store, mesh, shape
         local = jax.tree.map(lambda r: np.asarray(r).reshape(accum, local_micro, *np.shape(r)[1:]), rows)
         return distributed.to_global(local, batch_layout)
 
-    # the train step compiles on a background thread while the state is restored or initialised
-    # (the loop waits for it before the first step, so it never compiles twice)
-    step_specs = (
-        train_state_specs(config, mesh, stages),
-        precompile.call_specs(step_batch(peek(data_iter)), mesh),
-        *precompile.call_specs(tuple(step_args), mesh),
-    )
-    step_compile = precompile.start(getattr(train_step, "jitted", train_step), step_specs, mesh)
     state = None
     start_step, tokens_seen, wall_before = 0, 0, 0.0
     best_val, last_val, last_val_step = math.inf, None, None
@@ -305,6 +297,16 @@ def _train(config, run_name, resume, paths, job: TrainingJob, store, mesh, shape
             last_val = saved.get("val_loss")
             last_val_step = saved.get("last_val_step")
             log.info("resumed from %s at step %d", folder, start_step)
+    # the train step compiles on a background thread while a fresh state is initialised (after a
+    # resume's checks, so a refused resume does not wait for it); the loop waits for it before the
+    # first step, so it never compiles twice
+    step_specs = (
+        # a restored state sits committed to its devices, and the step's cache key says so
+        train_state_specs(config, mesh, stages) if state is None else precompile.placed_specs(state),
+        precompile.call_specs(step_batch(peek(data_iter)), mesh),
+        *precompile.call_specs(tuple(step_args), mesh),
+    )
+    step_compile = precompile.start(getattr(train_step, "jitted", train_step), step_specs, mesh)
     if state is None and job.init_params is not None:
         state = to_train(start_state(config, job.init_params, mesh))
     elif state is None:
