@@ -1047,6 +1047,12 @@ host memory (CPU):
   DSJAX_MALLOC=system keeps the system's defaults (BUILD.md, Speed and memory)."""
 
 
+def preset_defaults(training_key: str) -> str:
+    """What each size preset sets `training.<key>` to, for --help: "nano 100, tiny 500, ..."."""
+    values = (getattr(load_config(size).training, training_key) for size in MODEL_SIZES)
+    return "default per size: " + ", ".join(f"{size} {value:,}" for size, value in zip(MODEL_SIZES, values))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="dsjax",
@@ -1077,10 +1083,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--learning-rate", type=finite_float)
     run.add_argument("--warmup-steps", type=int)
     run.add_argument("--run-name", help="name under checkpoints/ and outputs/ (default: the model size)")
-    run.add_argument("--eval-interval", type=int)
+    run.add_argument("--eval-interval", type=int,
+                     help=f"steps between evals on the valid split ({preset_defaults('eval_interval')})")
     run.add_argument("--eval-batches", type=int, help="valid batches per eval (0 = the whole valid split)")
-    run.add_argument("--checkpoint-interval", type=int)
-    run.add_argument("--log-interval", type=int)
+    run.add_argument("--checkpoint-interval", type=int,
+                     help=f"steps between checkpoints ({preset_defaults('checkpoint_interval')})")
+    run.add_argument("--log-interval", type=int,
+                     help=f"steps between log lines and metrics.csv rows ({preset_defaults('log_interval')})")
     run.add_argument("--data-dir", help="folder with train/ and valid/ stories.jsonl (default data/stories)")
     run.add_argument("--work-dir", help="where tokenizers and token caches go (default data)")
     run.add_argument(

@@ -65,6 +65,12 @@ def test_help_lists_exit_codes(capsys):
     assert "exit codes:" in out and "141" in out and "143" in out
 
 
+def test_run_help_gives_each_sizes_intervals(capsys):
+    assert main(["run", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert "steps between checkpoints (default per size: nano 100, tiny 500, small 1,000, medium 2,000)" in out
+
+
 def test_info_prints_counts(capsys):
     assert main(["info", "--model-size", "tiny"]) == 0
     assert "21,053,280" in capsys.readouterr().out
