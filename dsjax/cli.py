@@ -1073,15 +1073,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated stages in order: data_prep, pretrain, sft, grpo, distill, export; all = "
         "data_prep,pretrain,sft,grpo,export (default data_prep,pretrain)",
     )
-    run.add_argument("--max-steps", type=int)
+    run.add_argument("--max-steps", type=int,
+                     help=f"optimizer steps to train, the learning rate decaying over them ({preset_defaults('max_steps')})")
     run.add_argument("--batch-size", type=int, help="sequences per micro-batch")
     run.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     run.add_argument("--accumulation", choices=config_choices("training.accumulation"),
                      help="how the micro-batches run (training.accumulation; the same gradient up to rounding): scan = one after another, "
                      "fold = as one batch, auto (default) = fold on a GPU when the batch fits easily")
-    run.add_argument("--seq-len", type=int)
-    run.add_argument("--learning-rate", type=finite_float)
-    run.add_argument("--warmup-steps", type=int)
+    run.add_argument("--seq-len", type=int, help=f"tokens per training sequence ({preset_defaults('seq_len')})")
+    run.add_argument("--learning-rate", type=finite_float,
+                     help=f"peak learning rate after warmup ({preset_defaults('learning_rate')})")
+    run.add_argument("--warmup-steps", type=int,
+                     help=f"steps of linear warmup to the peak rate ({preset_defaults('warmup_steps')})")
     run.add_argument("--run-name", help="name under checkpoints/ and outputs/ (default: the model size)")
     run.add_argument("--eval-interval", type=int,
                      help=f"steps between evals on the valid split ({preset_defaults('eval_interval')})")
@@ -1108,7 +1111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-data-change", action="store_true",
         help="with --resume: continue on a different data folder (tokenized with the checkpoint's tokenizer)",
     )
-    run.add_argument("--seed", type=int)
+    run.add_argument("--seed", type=int, help="seed of the initial weights and the data order (default 0)")
     run.add_argument(
         "--moe", choices=config_choices("model.moe_impl"),
         help="routed-expert compute path (model.moe_impl; default auto = the measured fastest: pallas on GPU, blocked on CPU)",
