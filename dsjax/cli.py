@@ -1047,10 +1047,15 @@ host memory (CPU):
   DSJAX_MALLOC=system keeps the system's defaults (BUILD.md, Speed and memory)."""
 
 
+@functools.cache
+def _size_presets() -> dict:
+    return {size: load_config(size) for size in MODEL_SIZES}
+
+
 def preset_defaults(training_key: str) -> str:
     """What each size preset sets `training.<key>` to, for --help: "nano 100, tiny 500, ..."."""
-    values = (getattr(load_config(size).training, training_key) for size in MODEL_SIZES)
-    return "default per size: " + ", ".join(f"{size} {value:,}" for size, value in zip(MODEL_SIZES, values))
+    values = ", ".join(f"{size} {getattr(c.training, training_key):,}" for size, c in _size_presets().items())
+    return f"default per size: {values}"
 
 
 def build_parser() -> argparse.ArgumentParser:

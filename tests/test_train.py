@@ -326,7 +326,7 @@ def test_eval_step_compiled_ahead_is_not_compiled_again():
         params = jax.jit(lambda k: init_state(c, k).params, out_shardings=shardings)(jax.random.key(0))
         args = _eval_inputs(batch, mesh)  # as the loop's evals and its compile ahead pass the batch
         eval_step = make_eval_step(c, mesh=mesh)
-        specs = (precompile.call_specs(params, mesh), *args)
+        specs = (precompile.call_specs(params), *args)
         params = jax.tree.map(lambda a: a + 0, params)  # the loop's first train step donates the buffers the specs came from
         precompile.start(getattr(eval_step, "jitted", eval_step), specs, mesh).join()
         compiles.clear()
@@ -352,17 +352,17 @@ def test_train_step_compiled_ahead_is_not_compiled_again():
         assert first[0, 0] == 0 and next(data)[0, 0] == 0  # peeking does not consume
         batch = distributed.to_global(first.reshape(1, 4, 33), None if mesh is None else batch_sharding(mesh))
         train_step = make_train_step(c, mesh=mesh)
-        specs = (train_state_specs(c, mesh, 1), precompile.call_specs(batch, mesh))
-        precompile.start(getattr(train_step, "jitted", train_step), specs, mesh).join()
         shardings = None if mesh is None else state_shardings_for(c, mesh)
+        specs = (train_state_specs(c, shardings, 1), precompile.call_specs(batch))
+        precompile.start(getattr(train_step, "jitted", train_step), specs, mesh).join()
         state = jax.jit(init_state, static_argnums=(0, 2), out_shardings=shardings)(c, jax.random.key(0), 1)
         compiles.clear()
         jax.block_until_ready(train_step(state, batch))
         assert compiles == [], f"the train step compiled again ({'mesh' if mesh else 'one device'})"
-    # a restored state is committed to its device: its own placed specs give the same program
+    # a restored state is committed to its device, and its specs say so
     restored = jax.device_put(init_state(config, jax.random.key(1)), jax.devices()[0])
     train_step = make_train_step(config)
-    precompile.start(train_step, (precompile.placed_specs(restored), np.zeros((1, 4, 33), np.int32))).join()
+    precompile.start(train_step, (precompile.call_specs(restored), np.zeros((1, 4, 33), np.int32))).join()
     compiles.clear()
     jax.block_until_ready(train_step(restored, np.zeros((1, 4, 33), np.int32)))
     assert compiles == [], "the train step compiled again for a restored state"

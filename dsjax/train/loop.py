@@ -135,14 +135,12 @@ def peek(data_iter):
     return item
 
 
-def train_state_specs(config: Config, mesh, stages: int):
-    """Shapes, dtypes and (under a mesh) training layout of the train state, as its step's cache key sees them."""
+def train_state_specs(config: Config, shardings, stages: int):
+    """A fresh train state's shapes, dtypes and (under a mesh, `shardings`) layout, as its step's cache key sees them."""
     abstract = abstract_state(config, stages)
-    if mesh is None:
+    if shardings is None:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings_for(config, mesh)
-    )
+    return with_shardings(abstract, shardings)
 
 
 def run_tokenizer(config: Config, paths: RunPaths, resume: bool) -> Tokenizer:
@@ -301,10 +299,9 @@ def _train(config, run_name, resume, paths, job: TrainingJob, store, mesh, shape
     # resume's checks, so a refused resume does not wait for it); the loop waits for it before the
     # first step, so it never compiles twice
     step_specs = (
-        # a restored state sits committed to its devices, and the step's cache key says so
-        train_state_specs(config, mesh, stages) if state is None else precompile.placed_specs(state),
-        precompile.call_specs(step_batch(peek(data_iter)), mesh),
-        *precompile.call_specs(tuple(step_args), mesh),
+        train_state_specs(config, shardings, stages) if state is None else precompile.call_specs(state),
+        precompile.call_specs(step_batch(peek(data_iter))),
+        *precompile.call_specs(tuple(step_args)),
     )
     step_compile = precompile.start(getattr(train_step, "jitted", train_step), step_specs, mesh)
     if state is None and job.init_params is not None:
@@ -328,7 +325,7 @@ def _train(config, run_name, resume, paths, job: TrainingJob, store, mesh, shape
     eval_step = make_eval_step(config, mesh=mesh)
     # the first eval's compile, made on a background thread once training runs (the state's
     # buffers are donated by the first step, so their specs are taken now)
-    eval_specs = (precompile.call_specs(state.params, mesh), *_eval_inputs(next(iter(job.eval_batches())), mesh))
+    eval_specs = (precompile.call_specs(state.params), *_eval_inputs(next(iter(job.eval_batches())), mesh))
     tokens_per_step = micro * accum * t.seq_len
     pending = RunningMetrics()
     run_start = time.perf_counter()

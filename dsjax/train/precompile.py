@@ -19,27 +19,21 @@ import jax
 log = logging.getLogger(__name__)
 
 
-def call_specs(args, mesh=None):
+def call_specs(args):
     """What a jitted call's cache key sees of `args`, without holding their buffers (which may be donated).
 
-    jax.Array leaves become shape/dtype structs, placed as they are under a mesh; on one
-    device unplaced, as the call's default-device arguments are keyed. Host (numpy) leaves
-    stay as they are: they are the call's own inputs.
+    jax.Array leaves become shape/dtype structs: placed as they are when committed to devices
+    (laid out on a mesh, restored from a checkpoint, put on a device), unplaced otherwise, as
+    the call keys default-device arguments. Host (numpy) leaves stay as they are: they are the
+    call's own inputs.
     """
 
     def spec(a):
         if not isinstance(a, jax.Array):
             return a
-        if mesh is None:
-            return jax.ShapeDtypeStruct(a.shape, a.dtype)
-        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding if a.committed else None)
 
     return jax.tree.map(spec, args)
-
-
-def placed_specs(args):
-    """Shape/dtype structs of `args` with their placement (arrays committed to devices: restored ones, say)."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), args)
 
 
 def start(jitted, specs, mesh=None) -> threading.Thread:
