@@ -162,6 +162,29 @@ def floors(launches, target: str) -> dict:
     }
 
 
+PER_KERNEL_S = 2e-6  # what each kernel is charged beyond its floor in the estimate: about a launch
+
+
+def by_source(launches, target: str) -> list[dict]:
+    """The step's kernels summed per Python line: kernels, GB, GEMM TFLOP and the estimate in ms."""
+    from dsjax.bench import peak_tflops
+
+    name, facts = TARGETS[target]
+    rows = launches.by_source(facts["memory_bandwidth"], peak_tflops(name) * 1e12, PER_KERNEL_S)
+    return [{"where": r["source"], "estimate_ms": round(r["estimate_s"] * 1e3, 3), "kernels": r["kernels"],
+             "gb_moved": round(r["bytes_moved"] / 1e9, 3), "gemm_tflop": round(r["gemm_flops"] / 1e12, 3)}
+            for r in rows]
+
+
+def _print_by_source(row: dict) -> None:
+    if "by_source" in row:
+        total = sum(r["estimate_ms"] for r in row["by_source"])
+        print(f"  the {len(row['by_source'])} Python lines whose kernels take the longest by the floors "
+              f"(ms estimated per step, {total:.2f} ms together; kernels, GB, GEMM TFLOP):")
+        for r in row["by_source"]:
+            print(f"    {r['estimate_ms']:8.3f} ms {r['kernels']:6,} {r['gb_moved']:8.2f} GB {r['gemm_tflop']:7.3f} TF  {r['where']}")
+
+
 def _print_floors(f: dict, target: str, top: bool) -> None:
     bandwidth = TARGETS[target][1]["memory_bandwidth"]
     print(f"  memory moved {f['gb_moved']:,.3f} GB per step ({f['memory_floor_ms']:.3f} ms at {bandwidth / 1e12:.1f} TB/s); "
@@ -198,6 +221,10 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=1, help="with --decode: prompts decoded together")
     p.add_argument("--new-tokens", type=int, default=1000, help="with --decode: tokens per row (sets the cache length)")
     p.add_argument("--top", type=int, default=0, help="also list the N JAX ops that make the most kernels")
+    p.add_argument("--by-source", type=int, default=0, metavar="N",
+                   help="also list the N Python lines whose kernels take the longest by the floors' estimate (each "
+                        "kernel's bytes at full bandwidth or GEMM FLOPs at peak, whichever is slower, + 2 us): the "
+                        "table `dsjax bench --profile` measures on a GPU")
     p.add_argument("--json", action="store_true", help="one JSON object per case (with the top ops when --top)")
     args = p.parse_args(argv)
     try:
@@ -208,8 +235,8 @@ def main(argv=None) -> int:
     wrong = [a for a in accumulations if a not in ("auto", "scan", "fold")]
     if wrong:
         p.error(f"--accumulation {wrong[0]!r}: choose auto, scan or fold (or a comma list)")
-    if args.top < 0:
-        p.error(f"--top must be >= 0, got {args.top}")
+    if args.top < 0 or args.by_source < 0:
+        p.error(f"--top and --by-source must be >= 0, got {args.top} and {args.by_source}")
     if args.rows < 1 or args.new_tokens < 1:
         p.error(f"--rows and --new-tokens must be >= 1, got {args.rows} and {args.new_tokens}")
 
@@ -242,6 +269,8 @@ def main(argv=None) -> int:
             row.update(floors(launches, args.target))
             if args.top:
                 row["top_ops"] = _named(launches.top_ops(args.top))
+            if args.by_source:
+                row["by_source"] = by_source(launches, args.target)[:args.by_source]
             if args.json:
                 print(json.dumps(row))
                 continue
@@ -252,6 +281,7 @@ def main(argv=None) -> int:
                 print(f"    {n:6,}  {kind}")
             _print_floors(row, args.target, bool(args.top))
             _print_top(row, "")
+            _print_by_source(row)
     return 0
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from dsjax.config import Config, ModelConfig
-from dsjax.hlo_launches import count_launches
+from dsjax.hlo_launches import count_launches, source_locations
 
 # bf16 dense peak TFLOP/s by device kind (vendors' datasheets, no sparsity); matched by substring
 PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -144,6 +144,7 @@ def _compiled_memory_bytes(compiled) -> int | None:
 
 
 PROFILED_STEPS = 3
+PROFILED_TOP = 30  # ops and Python lines listed: the rows past a step's head and its biggest layers
 
 
 def profile_folder(root: Path, case: Case) -> Path:
@@ -225,7 +226,10 @@ def run_case(
             jax.block_until_ready(metrics)
 
         trace, wall = trace_summary.record(traced_steps, profile_folder(profile_root, case))
-        profile = trace_summary.summarize(trace, PROFILED_STEPS, wall, trace_summary.op_sources(hlo))
+        profile = trace_summary.summarize(
+            trace, PROFILED_STEPS, wall, trace_summary.op_sources(hlo), top=PROFILED_TOP,
+            locations=source_locations(hlo),
+        )
 
     device = jax.devices()[0]
     tokens_per_step = t.gradient_accumulation_steps * t.batch_size * t.seq_len

@@ -40,6 +40,22 @@ _COLLECTIVES = {
 }
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One launching instruction: how often one run launches it, and what it moves and multiplies each time."""
+
+    name: str  # the HLO instruction, as a GPU profile's `hlo_op` names it
+    kind: str
+    times: int
+    bytes_moved: int
+    gemm_flops: int
+    source: str  # `folder/file.py:LINE function` of the Python line that made it ("" if unrecorded)
+
+    def floor_seconds(self, bandwidth: float, peak_flops: float) -> float:
+        """One launch's lower bound: its bytes at full bandwidth or its GEMM FLOPs at peak, whichever is slower."""
+        return max(self.bytes_moved / bandwidth, self.gemm_flops / peak_flops)
+
+
 @dataclass
 class Launches:
     per_run: int = 0  # launches of one call, loop bodies times their trip counts
@@ -51,9 +67,78 @@ class Launches:
     bytes_moved: int = 0  # per run: operand + output bytes of every launch (see the module's docstring)
     gemm_flops: int = 0  # per run: 2 x M x N x K of the dots inside GEMM launches
     bytes_by_op: collections.Counter = field(default_factory=collections.Counter)  # per run, by JAX op
+    launches: list[Launch] = field(default_factory=list)  # every launching instruction, in program order
 
     def top_ops(self, n: int = 15) -> list[tuple[str, int]]:
         return self.by_op.most_common(n)
+
+    def by_source(self, bandwidth: float, peak_flops: float, per_launch_s: float = 2e-6) -> list[dict]:
+        """Per Python line that made kernels, most first: kernels, bytes, GEMM FLOPs and an estimate of
+        their time per run (each launch's `floor_seconds` plus `per_launch_s`; a lower bound's model,
+        not a prediction). A GPU profile's `by_source` (`trace_summary`) is measured the same way."""
+        rows: dict[str, dict] = {}
+        for launch in self.launches:
+            row = rows.setdefault(launch.source or "?", {"source": launch.source or "?", "kernels": 0,
+                                                         "bytes_moved": 0, "gemm_flops": 0, "estimate_s": 0.0})
+            row["kernels"] += launch.times
+            row["bytes_moved"] += launch.bytes_moved * launch.times
+            row["gemm_flops"] += launch.gemm_flops * launch.times
+            row["estimate_s"] += launch.times * (launch.floor_seconds(bandwidth, peak_flops) + per_launch_s)
+        return sorted(rows.values(), key=lambda r: -r["estimate_s"])
+
+
+_FRAME_TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
+
+
+def _where(path: str, line: str, function: str = "") -> str:
+    """`model/loss.py:156 body`: the file's folder and name (enough to tell `model/` from `kernels_pallas/`)."""
+    short = "/".join(path.replace("\\", "/").split("/")[-2:])
+    return f"{short}:{line} {function}".rstrip()
+
+
+def source_locations(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> the Python line that made it, as `folder/file.py:LINE function`.
+
+    JAX records, per instruction, the innermost frame of the user's code that traced it.
+    Older modules print it in the metadata (`source_file=... source_line=N`); newer ones print a
+    `stack_frame_id` into tables at the top of the module (FileNames, FunctionNames,
+    FileLocations, StackFrames), which this reads. Instructions without either are left out.
+    """
+    tables: dict[str, dict[int, str]] = {t: {} for t in _FRAME_TABLES}
+    table = None
+    for line in hlo_text.splitlines():
+        text = line.strip()
+        if text in _FRAME_TABLES:
+            table = text
+            continue
+        m = re.match(r"^(\d+) (.+)$", text) if table else None
+        if not m:
+            if table and (text.startswith(("%", "ENTRY", "HloModule")) or text.endswith("{")):
+                break  # the computations start: no more tables
+            continue
+        tables[table][int(m.group(1))] = m.group(2)
+    names = {i: v.strip('"') for i, v in tables["FileNames"].items()}
+    functions = {i: v.strip('"').split(".")[-1] for i, v in tables["FunctionNames"].items()}
+    places = {}
+    for i, v in tables["FileLocations"].items():
+        f = dict(re.findall(r"(\w+)=(\d+)", v))
+        places[i] = _where(names.get(int(f.get("file_name_id", 0)), "?"), f.get("line", "?"),
+                           functions.get(int(f.get("function_name_id", 0)), ""))
+    frames = {i: places.get(int(dict(re.findall(r"(\w+)=(\d+)", v)).get("file_location_id", 0)), "")
+              for i, v in tables["StackFrames"].items()}
+    found = {}
+    for line in hlo_text.splitlines():
+        name = _NAME.match(line)
+        if not name or "metadata={" not in line:
+            continue
+        frame = re.search(r"stack_frame_id=(\d+)", line)
+        if frame and frames.get(int(frame.group(1))):
+            found[name.group(1)] = frames[int(frame.group(1))]
+            continue
+        file, lineno = re.search(r'source_file="([^"]*)"', line), re.search(r"source_line=(\d+)", line)
+        if file and lineno:
+            found[name.group(1)] = _where(file.group(1), lineno.group(1))
+    return found
 
 
 def computations(hlo_text: str) -> tuple[str | None, dict[str, list[str]]]:
@@ -168,6 +253,7 @@ def op_group(rest: str, depth: int = 3) -> str:
 def count_launches(hlo_text: str, group_depth: int = 3) -> Launches:
     """The launches of one run of an optimized HLO module (`compiled.as_text()`)."""
     entry, comps = computations(hlo_text)
+    sources = source_locations(hlo_text)
     out = Launches()
     shapes = {}  # instruction name -> its shape string (names are unique in an optimized module)
     for lines in comps.values():
@@ -214,10 +300,14 @@ def count_launches(hlo_text: str, group_depth: int = 3) -> Launches:
             out.bytes_moved += moved * times
             out.bytes_by_op[group] += moved * times
             called = re.search(r"calls=%?([\w.\-]+)", rest)
+            flops = 0
             if called and "gemm" in kind:
-                out.gemm_flops += _dot_flops(called.group(1), comps, shapes) * times
+                flops = _dot_flops(called.group(1), comps, shapes)
             elif "cublas" in kind:  # a library GEMM: its dimensions are in the backend config
-                out.gemm_flops += _cublas_flops(m.group(1), rest, shapes) * times
+                flops = _cublas_flops(m.group(1), rest, shapes)
+            out.gemm_flops += flops * times
+            instruction = _NAME.match(line).group(1)
+            out.launches.append(Launch(instruction, kind, times, moved, flops, sources.get(instruction, "")))
 
     if entry is not None:
         walk(entry, 1, ())

@@ -7,7 +7,9 @@ stream, XLA's per-op line, a host thread), the events per step and the time the 
 was busy per step (nested events merged, so nothing is counted twice), next to the
 step's wall time; then the ops that took the most time, each with the JAX operation
 that made it (from the compiled program's HLO metadata: forward or backward, einsum
-spec, primitive).
+spec, primitive) and the Python line that made it; then the time per Python line, every
+kernel counted (`by_source`). `benchmarks/gpu_kernels.py --by-source` estimates the same
+table without a GPU, so the two show which lines run far from their floors.
 
 XLA:CPU writes one trace event per op only with --xla_cpu_enable_xprof_traceme, which
 `enable_cpu_op_events` adds to XLA_FLAGS; it must run before JAX starts its CPU backend.
@@ -119,8 +121,14 @@ def _event_op(event: dict) -> str:
 SHORT_OP_US = 5.0
 
 
-def summarize(path: Path, steps: int, wall_sec: float, sources: dict[str, str] | None = None, top: int = 20) -> dict:
-    """Per-step lines and top ops of a trace of `steps` steps that took wall_sec."""
+def summarize(
+    path: Path, steps: int, wall_sec: float, sources: dict[str, str] | None = None, top: int = 20,
+    locations: dict[str, str] | None = None,
+) -> dict:
+    """Per-step lines and top ops of a trace of `steps` steps that took wall_sec.
+
+    sources: op -> the JAX operation (`op_sources`); locations: op -> its Python line
+    (`hlo_launches.source_locations`), which adds `by_source`: ms and kernels per step per line."""
     events, names = load_events(path)
     by_line: dict[tuple[int, int], list[dict]] = collections.defaultdict(list)
     for e in events:
@@ -146,6 +154,10 @@ def summarize(path: Path, steps: int, wall_sec: float, sources: dict[str, str] |
         per_op[_event_op(e)].append(e["dur"])
     ranked = sorted(per_op.items(), key=lambda kv: -sum(kv[1]))[:top]
     short = [e["dur"] for e in op_events if e["dur"] < SHORT_OP_US]
+    by_source: dict[str, list[float]] = collections.defaultdict(list)
+    for op, durs in per_op.items():
+        by_source[(locations or {}).get(op) or "?"].extend(durs)
+    located = sorted(by_source.items(), key=lambda kv: -sum(kv[1]))[:top]
     return {
         "trace": str(path),
         "wall_ms_per_step": round(wall_sec / steps * 1e3, 3),
@@ -158,11 +170,18 @@ def summarize(path: Path, steps: int, wall_sec: float, sources: dict[str, str] |
             {
                 "op": op,
                 "source": (sources or {}).get(op, ""),
+                "where": (locations or {}).get(op, ""),
                 "ms_per_step": round(sum(durs) / steps / 1e3, 3),
                 "calls_per_step": round(len(durs) / steps, 1),
             }
             for op, durs in ranked
         ],
+        # every kernel of the ops line, summed per Python line ("?": ops the program does not place)
+        **({"by_source": [
+            {"where": where, "ms_per_step": round(sum(durs) / steps / 1e3, 3),
+             "kernels_per_step": round(len(durs) / steps, 1)}
+            for where, durs in located
+        ]} if locations is not None else {}),
     }
 
 
@@ -179,7 +198,13 @@ def format_summary(case: str, summary: dict) -> str:
         )
     out.append(f"  top ops on {summary['ops_line']} (ms/step, calls/step):")
     out += [
-        f"  {r['ms_per_step']:9.3f} ms  {r['calls_per_step']:6.1f}x  {r['op']}  {r['source']}".rstrip()
+        f"  {r['ms_per_step']:9.3f} ms  {r['calls_per_step']:6.1f}x  {r['op']}  {r['source']}  {r.get('where', '')}".rstrip()
         for r in summary["top_ops"]
     ]
+    if summary.get("by_source"):
+        out.append(f"  time per Python line on {summary['ops_line']} (ms/step, kernels/step):")
+        out += [
+            f"  {r['ms_per_step']:9.3f} ms  {r['kernels_per_step']:6.1f}   {r['where']}"
+            for r in summary["by_source"]
+        ]
     return "\n".join(out)

@@ -68,6 +68,7 @@ def test_bench_json_rows(tmp_path, capsys):
     assert profile["wall_ms_per_step"] > 0 and profile["lines"][0]["events_per_step"] > 10
     assert sum(line["busy_ms_per_step"] for line in profile["lines"]) > 0
     assert any("dot_general" in op["source"] for op in profile["top_ops"]), profile["top_ops"]
+    assert any(r["where"].startswith("model/") for r in profile["by_source"]), profile["by_source"]  # the model's lines
     assert f"profile of {row['case']}" in err
 
 
@@ -94,7 +95,8 @@ def test_trace_summary_of_a_gpu_like_trace(tmp_path):
     path = tmp_path / "perfetto_trace.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": meta + kernels + modules + host}, f)
-    summary = trace_summary.summarize(path, steps=2, wall_sec=400e-6, sources={"dot.3": "bwd btd,dv->btv dot_general"})
+    summary = trace_summary.summarize(path, steps=2, wall_sec=400e-6, sources={"dot.3": "bwd btd,dv->btv dot_general"},
+                                      locations={"fusion.1": "model/mla.py:58 attention", "fusion.2": "model/mla.py:58 attention"})
     lines = {r["line"]: r for r in summary["lines"]}
     assert lines["/device:GPU:0 / Stream #13(Compute)"] == {
         "line": "/device:GPU:0 / Stream #13(Compute)", "events_per_step": 3.0, "busy_ms_per_step": 0.023,
@@ -104,6 +106,13 @@ def test_trace_summary_of_a_gpu_like_trace(tmp_path):
     assert summary["wall_ms_per_step"] == 0.2 and summary["ops_line"] == "/device:GPU:0 / Stream #13(Compute)"
     assert [(r["op"], r["calls_per_step"]) for r in summary["top_ops"]] == [("fusion.1", 1.0), ("fusion.2", 1.0), ("dot.3", 1.0)]
     assert summary["top_ops"][2]["source"] == "bwd btd,dv->btv dot_general"
+    assert summary["top_ops"][0]["where"] == "model/mla.py:58 attention" and summary["top_ops"][2]["where"] == ""
+    # every kernel summed per Python line; an op the program does not place goes under "?"
+    assert summary["by_source"] == [
+        {"where": "model/mla.py:58 attention", "ms_per_step": 0.02, "kernels_per_step": 2.0},
+        {"where": "?", "ms_per_step": 0.003, "kernels_per_step": 1.0},
+    ]
+    assert "time per Python line" in trace_summary.format_summary("case", summary)
     assert "Stream #13(Compute)" in trace_summary.format_summary("case", summary)
     # XLA:CPU's while/call events enclose their bodies' ops: not ops themselves
     assert not trace_summary.is_op({"name": "while.95"}) and trace_summary.is_op({"name": "ynn_fusion.2"})

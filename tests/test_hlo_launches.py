@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from dsjax.hlo_launches import count_launches
+from dsjax.hlo_launches import count_launches, source_locations
 
 # an optimized XLA:GPU module in the form `compiled.as_text()` prints (abridged by hand): a loop of
 # known trip count 3 around a GEMM and a cuDNN call, a fusion and a copy outside it
@@ -112,3 +112,66 @@ def test_a_scan_compiled_here_counts_its_body_per_trip():
     # an iteration of it launches its body and its condition; what runs after the loop does not count
     after = count_launches(jax.jit(lambda x: jnp.tanh(data_dependent(x)) @ x).lower(jnp.ones((4,))).compile().as_text())
     assert 1 <= unknown.per_unknown_iteration == after.per_unknown_iteration < after.per_run
+
+
+# the frame tables newer modules print before their computations, and an instruction pointing into them
+FRAMED_MODULE = """HloModule jit_f, is_scheduled=true
+
+FileNames
+1 "/repo/dsjax/model/loss.py"
+2 "/repo/dsjax/model/layers.py"
+
+FunctionNames
+1 "_nll.<locals>.body"
+2 "rms_norm"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=156 end_line=156 column=4 end_column=9}
+2 {file_name_id=2 function_name_id=2 line=15 end_line=15 column=4 end_column=9}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=2}
+
+%fused_add (p0: f32[8]) -> f32[8] {
+  %p0 = f32[8]{0} parameter(0)
+  ROOT %add = f32[8]{0} add(%p0, %p0), metadata={op_name="jit(f)/add" stack_frame_id=2}
+}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  %a = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_add, metadata={op_name="jit(f)/dot_general" stack_frame_id=1}
+  %b = f32[8]{0} fusion(%a), kind=kLoop, calls=%fused_add, metadata={op_name="jit(f)/mul" stack_frame_id=2}
+  %c = f32[8]{0} fusion(%b), kind=kLoop, calls=%fused_add, metadata={op_name="jit(f)/mul" stack_frame_id=2}
+  ROOT %d = f32[8]{0} fusion(%c), kind=kLoop, calls=%fused_add, metadata={op_name="jit(f)/sub" source_file="/old/dsjax/train/step.py" source_line=7}
+}
+"""
+
+
+def test_each_kernel_is_placed_on_its_python_line():
+    """Both metadata forms: a stack frame into the module's tables, and an older inline file and line."""
+    assert source_locations(FRAMED_MODULE) == {
+        "add": "model/layers.py:15 rms_norm", "a": "model/loss.py:156 body", "b": "model/layers.py:15 rms_norm",
+        "c": "model/layers.py:15 rms_norm", "d": "train/step.py:7",
+    }
+    launches = count_launches(FRAMED_MODULE)
+    assert [(x.name, x.source) for x in launches.launches] == [
+        ("a", "model/loss.py:156 body"), ("b", "model/layers.py:15 rms_norm"), ("c", "model/layers.py:15 rms_norm"),
+        ("d", "train/step.py:7"),
+    ]
+    # each kernel moves 64 bytes: at 64 B/s a floor of one second, plus the launch charge
+    rows = launches.by_source(bandwidth=64.0, peak_flops=1.0, per_launch_s=0.5)
+    assert [(r["source"], r["kernels"], r["bytes_moved"], r["estimate_s"]) for r in rows] == [
+        ("model/layers.py:15 rms_norm", 2, 128, 3.0), ("model/loss.py:156 body", 1, 64, 1.5), ("train/step.py:7", 1, 64, 1.5),
+    ]
+
+
+def test_a_program_compiled_here_names_the_lines_that_made_it():
+    def f(x):
+        y = jnp.tanh(x @ x)  # the line the dot's kernel should name
+        return jnp.sum(y * 3.0)
+
+    line = f.__code__.co_firstlineno + 1
+    hlo = jax.jit(f).lower(jnp.ones((16, 16))).compile().as_text()
+    where = set(source_locations(hlo).values())
+    assert f"tests/test_hlo_launches.py:{line} f" in where, where

@@ -1,6 +1,7 @@
 import csv
 import dataclasses
 import json
+import re
 import shutil
 
 import jax
@@ -227,7 +228,8 @@ def test_weight_decay_skips_norms_and_biases():
 
 
 def test_global_norm_and_clipping_match_optax():
-    """One reduction over the joined leaves on one device, per leaf under a mesh: optax's value either way,
+    """One reduction over the joined small leaves on one device (large ones alone), per leaf under a mesh:
+    optax's value either way,
     and the clip scales exactly as optax.clip_by_global_norm (optimizer state of the same structure)."""
     import optax
 
@@ -243,6 +245,18 @@ def test_global_norm_and_clipping_match_optax():
     assert float(jax.jit(global_norm)(grads)) == pytest.approx(want, rel=1e-6)
     joined = jax.jit(global_norm).lower(grads).as_text()
     assert "concatenate" in joined  # the one-device path joins the leaves
+    # leaves of JOIN_BELOW_ELEMENTS or more are reduced alone (nano has none that large at the default)
+    from dsjax.train import optimizer
+
+    sizes = [x.size for x in jax.tree.leaves(grads)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(optimizer, "JOIN_BELOW_ELEMENTS", 1 << 16)
+        fresh = jax.jit(lambda g: global_norm(g))  # global_norm's own trace is cached with the old limit
+        assert float(fresh(grads)) == pytest.approx(want, rel=1e-6)
+        text = fresh.lower(grads).as_text()
+    joined_sizes = [int(m) for m in re.findall(r"concatenate.*-> tensor<(\d+)xf32>", text)]
+    assert max(joined_sizes) == sum(n for n in sizes if n < 1 << 16)  # jnp joins long lists in stages
+    assert 0 < sum(n >= 1 << 16 for n in sizes) < len(sizes)
     meshed = dataclasses.replace(config, distributed=dataclasses.replace(config.distributed, dp_size=2, tp_size=2))
     mesh, _ = distributed.setup_mesh(meshed, 4)
     with jax.set_mesh(mesh):

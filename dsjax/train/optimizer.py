@@ -40,21 +40,34 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) not in NO_DECAY_LEAVES, params)
 
 
+# A leaf at least this large is reduced alone rather than joined to the others. Joining saves a
+# launch per leaf, but costs a copy of the leaf and a slower reduction: XLA indexes each element
+# of the joined array into its leaf, and on an H200 that reduction read about 0.45 TB/s (run 4,
+# BENCHMARKS.md: `small`'s joined 75M gradients, 1.0 ms per step with the join). 2^20 elements
+# keeps `tiny`'s kernels per step nearly as they are and takes `small`'s large leaves out.
+JOIN_BELOW_ELEMENTS = 1 << 20
+
+
 def global_norm(tree) -> jax.Array:
     """sqrt of the sum of every leaf's squares (fp32): `optax.tree.norm`, in fewer kernels on one device.
 
-    On one device the leaves are joined end to end and reduced once: XLA fuses the join
-    into the reduction, so it is one or two kernels where a reduction per leaf is one
-    kernel per leaf (112 of the 742 kernels of `tiny`'s step on an H200 target,
-    `benchmarks/gpu_kernels.py`). Under a mesh the leaves are laid out differently
-    (split over tp, ep, dp), and joining them would gather them: there each leaf is
-    reduced where it lies, as optax does. Same value up to summation order.
+    On one device the small leaves are joined end to end and reduced once: XLA fuses the join
+    into the reduction, so it is one or two kernels where a reduction per leaf is one kernel
+    per leaf (112 of the 742 kernels of `tiny`'s step on an H200 target,
+    `benchmarks/gpu_kernels.py`). Leaves of JOIN_BELOW_ELEMENTS or more are reduced one by one:
+    for them a launch costs less than the join. Under a mesh the leaves are laid out
+    differently (split over tp, ep, dp), and joining them would gather them: there each leaf
+    is reduced where it lies, as optax does. Same value up to summation order.
     """
     leaves = jax.tree.leaves(tree)
     if not jax.sharding.get_abstract_mesh().empty or len(leaves) < 2:
         return optax.tree.norm(tree)
-    joined = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
-    return jnp.sqrt(jnp.sum(jnp.square(joined)))
+    small = [x for x in leaves if x.size < JOIN_BELOW_ELEMENTS]
+    squares = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves if x.size >= JOIN_BELOW_ELEMENTS]
+    if small:
+        joined = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in small])
+        squares.append(jnp.sum(jnp.square(joined)))
+    return jnp.sqrt(sum(squares[1:], squares[0]))
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
