@@ -85,6 +85,10 @@ class ModelConfig:
     # rematerialisation of each decoder block in the backward pass: none (save everything),
     # full (save only the block's input), save_dots (save weight-matmul outputs, recompute the rest)
     remat: str = "none"
+    # the logits' gradient w * (softmax - onehot) that the output head's two backward matmuls take:
+    # float32 (autodiff of fp32 logits; fp32, or TF32 on a GPU, GEMMs) or compute (rounded to the
+    # compute dtype first: bf16 GEMMs with bf16 compute, as PyTorch's autocast does; no change in fp32)
+    head_gradient_dtype: str = "float32"
     # compute paths (same function, different speed; free to change on --resume)
     moe_impl: str = "auto"  # auto | dense | ragged | blocked | pallas: how routed experts are computed
     attention_impl: str = "auto"  # auto | xla | blocked | cudnn | pallas: causal attention of the training path
@@ -244,6 +248,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.moe_impl": ("auto", "dense", "ragged", "blocked", "pallas"),
     "model.remat": ("none", "full", "save_dots"),
+    "model.head_gradient_dtype": ("float32", "compute"),
     "model.attention_impl": ("auto", "xla", "blocked", "cudnn", "pallas"),
     "model.rope_scaling.type": ("yarn",),
     "training.lr_schedule": ("cosine", "wsd", "constant"),

@@ -71,7 +71,9 @@ def chunked_head_nll(h_BTD, norm_scale, head_DV, targets_BT, weight_BT, c: Model
     w_N = jnp.pad(weight_BT.reshape(N).astype(jnp.float32), (0, pad))  # padded tokens weigh 0
 
     chunks = (h_ND.reshape(n, C, D), t_N.reshape(n, C), w_N.reshape(n, C))
-    return _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, c.rms_norm_eps, one_pass_softmax())
+    return _nll_with_gradients_in_forward(
+        chunks, norm_scale, head_DV, c.rms_norm_eps, one_pass_softmax(), c.head_gradient_dtype == "compute",
+    )
 
 
 def _summed_chunk_nll(chunks, norm_scale, head_DV, eps: float, one_pass: bool):
@@ -122,7 +124,7 @@ def _chunk_nll(logits_CV, t_C, one_pass: bool):
     return log_z_C1[:, 0] - target_logit_C, log_z_C1, is_target_CV
 
 
-def _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, eps: float, one_pass: bool):
+def _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, eps: float, one_pass: bool, round_gradient: bool = False):
     """`chunked_head_nll`'s sum, its gradients made while each chunk's logits exist.
 
     The cross-entropy's gradient is known once a chunk's logits are: w * (softmax - onehot).
@@ -137,7 +139,10 @@ def _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, eps: float, one_
     backward matmuls take that fp32 gradient, as autodiff of fp32 logits does: the same
     gradients as autodiff (bf16 hidden states and head included), without the remade
     logits (on the H200 target, with bf16 compute, the remade head moved about 57 of
-    `small`'s 101 GB per step: BENCHMARKS.md).
+    `small`'s 101 GB per step: BENCHMARKS.md). With round_gradient
+    (`model.head_gradient_dtype: compute`) the gradient is rounded to the compute dtype
+    before the two matmuls, as autodiff of compute-dtype logits upcast for the loss gives
+    (PyTorch's autocast): bf16 GEMMs instead of TF32 ones on a GPU, and half the bytes.
     """
 
     @jax.custom_vjp
@@ -155,16 +160,20 @@ def _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, eps: float, one_
             normed_CD, norm_vjp = jax.vjp(lambda h, s: rms_norm(h, s, eps), h_CD, norm_scale)
             logits_CV = jnp.dot(normed_CD, head_cD, preferred_element_type=jnp.float32)
             nll_C, log_z_C1, is_target_CV = _chunk_nll(logits_CV, t_C, one_pass)
-            # d(sum w * nll) / d logits = w * (softmax - onehot(target)), kept in fp32 for both matmuls
-            # as autodiff keeps it (fp32 GEMMs on a GPU): rounded to bf16 first, six seeds of bf16
-            # `nano` ended 100 steps 0.021 higher in val loss on average (BENCHMARKS.md)
+            # d(sum w * nll) / d logits = w * (softmax - onehot(target)), by default kept in fp32 for both
+            # matmuls as autodiff keeps it (TF32 GEMMs on a GPU). Rounded to bf16 it adds little to bf16's
+            # own gradient error (nano's README checkpoint: 2.070% against 2.064% for TF32), but six
+            # seeds of bf16 `nano` ended 100 steps 0.021 higher in val loss on average (BENCHMARKS.md)
             d_logits_CV = w_C[:, None] * (jnp.exp(logits_CV - log_z_C1) - is_target_CV)
-            d_h_CD, d_scale_D_chunk = norm_vjp(jnp.dot(d_logits_CV, head_fD.T).astype(compute))
-            carry = (
-                total + jnp.sum(nll_C * w_C),
-                d_head_DV + jnp.dot(normed_CD.astype(jnp.float32).T, d_logits_CV),
-                d_scale_D + d_scale_D_chunk,
-            )
+            if round_gradient:  # compute-dtype GEMMs, fp32 sums
+                d_logits_CV = d_logits_CV.astype(compute)
+                d_h_CD = jnp.dot(d_logits_CV, head_cD.T, preferred_element_type=jnp.float32)
+                d_head_chunk_DV = jnp.dot(normed_CD.T, d_logits_CV, preferred_element_type=jnp.float32)
+            else:
+                d_h_CD = jnp.dot(d_logits_CV, head_fD.T)
+                d_head_chunk_DV = jnp.dot(normed_CD.astype(jnp.float32).T, d_logits_CV)
+            d_h_CD, d_scale_D_chunk = norm_vjp(d_h_CD.astype(compute))
+            carry = (total + jnp.sum(nll_C * w_C), d_head_DV + d_head_chunk_DV, d_scale_D + d_scale_D_chunk)
             return carry, (d_h_CD, nll_C)
 
         zeros = (jnp.zeros((), jnp.float32), jnp.zeros(head_DV.shape, jnp.float32), jnp.zeros_like(norm_scale))

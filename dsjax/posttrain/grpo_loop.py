@@ -133,7 +133,8 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], length: 
 def _model_config(final_config: Config, config: Config):
     """The starting final/'s model, with the compute-path keys of this run's config."""
     m = config.model
-    return dataclasses.replace(final_config.model, moe_impl=m.moe_impl, attention_impl=m.attention_impl, remat=m.remat)
+    return dataclasses.replace(final_config.model, moe_impl=m.moe_impl, attention_impl=m.attention_impl, remat=m.remat,
+                               head_gradient_dtype=m.head_gradient_dtype)
 
 
 def _term_means(completions: list[Completion], prefix: str = "") -> dict[str, float]:

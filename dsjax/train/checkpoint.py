@@ -49,7 +49,7 @@ RESUMABLE_TRAINING_KEYS = {
 }
 
 # model keys that pick a compute path, not the function: free to change on resume
-RESUMABLE_MODEL_KEYS = {"moe_impl", "attention_impl", "remat"}
+RESUMABLE_MODEL_KEYS = {"moe_impl", "attention_impl", "remat", "head_gradient_dtype"}
 
 
 class CheckpointError(RuntimeError):
