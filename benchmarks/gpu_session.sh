@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session (an H100/H200 lent for minutes): kernels, then train steps, then a CLI run.
-# From the repo root on the GPU machine:  bash benchmarks/gpu_session.sh [kernels] [steps] [profile] [tiny] [xlaflags] [smallprofile] [generate] [memory] [cli]
+# From the repo root on the GPU machine:  bash benchmarks/gpu_session.sh [kernels] [steps] [profile] [tiny] [xlaflags] [smallprofile] [headgrad] [generate] [memory] [cli]
 # Needs .gpu/whl (grain's wheels), .gpu/tinystories (the data) and .gpu/vocab8k.json; see BUILD.md.
 set -u
 export PYTHONUNBUFFERED=1
@@ -59,6 +59,13 @@ for part in $PARTS; do
       XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 75 "${B[@]}" --steps 5 --warmup 2 --model-size small \
         --moe pallas --attention cudnn --profile /tmp/dsjax-profile-small > "$OUT/smallprofile.log" 2>&1
       grep -vE "^\{|^appended" "$OUT/smallprofile.log" | cut -c1-200 | tail -70 ;;
+    headgrad)  # small's step with the head's backward GEMMs in bf16 (model.head_gradient_dtype: compute) against
+      # the default fp32 gradient, which makes them TF32 GEMMs; the same machine, one after the other
+      echo '{"model": {"head_gradient_dtype": "compute"}}' > /tmp/headgrad.json
+      for config in "" "--config /tmp/headgrad.json"; do
+        timeout 60 "${B[@]}" --model-size small --moe pallas --attention cudnn $config >> "$OUT/headgrad.log" 2>&1
+      done
+      rows < "$OUT/headgrad.log" ;;
     generate)  # batch-1 generation, 1,000 tokens, random weights: tiny (the 5,000 tokens/s target), then small
       timeout 60 python3 benchmarks/cpu_profile.py --generate --model-size tiny --new-tokens 1000 --runs 5 --top 0 \
         > "$OUT/generate.log" 2>&1

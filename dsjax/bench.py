@@ -117,9 +117,10 @@ class Case:
     def label(self) -> str:
         t, m = self.config.training, self.config.model
         accumulation = f" accum={t.accumulation}" if t.gradient_accumulation_steps > 1 else ""
+        head = f" head_grad={m.head_gradient_dtype}" if m.head_gradient_dtype != "float32" else ""
         return (
             f"{self.model_size} {t.batch_size}x{t.gradient_accumulation_steps}x{t.seq_len} "
-            f"moe={m.moe_impl} attn={m.attention_impl} remat={m.remat}{accumulation}"
+            f"moe={m.moe_impl} attn={m.attention_impl} remat={m.remat}{accumulation}{head}"
         )
 
 
@@ -254,6 +255,7 @@ def run_case(
         "moe_impl": c.moe_impl,
         "attention_impl": c.attention_impl,
         "remat": c.remat,
+        "head_gradient_dtype": c.head_gradient_dtype,
         "accumulation": accumulation,
         "batch_size": t.batch_size,
         "grad_accum": t.gradient_accumulation_steps,
