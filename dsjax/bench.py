@@ -48,6 +48,9 @@ PEAK_BF16_TFLOPS: dict[str, float] = {
     "TPU v5 lite": 197.0,
     "TPU v4": 275.0,
 }
+# HBM bandwidth TB/s by device kind (datasheets), for the profile's per-line floors; matched by
+# substring in this order (GH200 before H200)
+MEMORY_TBPS: dict[str, float] = {"GH200": 4.0, "H200": 4.8, "H100": 3.35, "A100": 2.0, "L40S": 0.864, "A10G": 0.6, "L4": 0.3}
 RESULTS_FILE = Path("benchmarks") / "results.jsonl"
 
 
@@ -94,6 +97,13 @@ def attention_flops_per_token(c: ModelConfig, seq_len: int) -> float:
 
 def train_flops_per_token(c: ModelConfig, seq_len: int) -> float:
     return 6 * matmul_params_per_token(c) + attention_flops_per_token(c, seq_len)
+
+
+def memory_tbps(device_kind: str) -> float | None:
+    for name, tbps in MEMORY_TBPS.items():
+        if name.lower() in device_kind.lower():
+            return tbps
+    return None
 
 
 def peak_tflops(device_kind: str, override: float | None = None) -> float | None:
@@ -191,6 +201,7 @@ def run_case(
         compiled = lowered.compile()
     compile_sec = time.perf_counter() - start
     hlo = compiled.as_text()  # the optimized program: its launches per step, and the profile's op sources
+    launches = count_launches(hlo)
 
     def run(state, batch):
         if mesh is not None:
@@ -227,9 +238,15 @@ def run_case(
             jax.block_until_ready(metrics)
 
         trace, wall = trace_summary.record(traced_steps, profile_folder(profile_root, case))
+        # each line's floor beside its measured time: the kernels' bytes at the device's bandwidth or
+        # their GEMM FLOPs at its bf16 peak, whichever is slower, + 2 us each (hlo_launches.by_source)
+        bandwidth, flops_peak = memory_tbps(jax.devices()[0].device_kind), peak_tflops(jax.devices()[0].device_kind)
+        floors = None
+        if bandwidth and flops_peak:
+            floors = {r["source"] or "?": r["estimate_s"] for r in launches.by_source(bandwidth * 1e12, flops_peak * 1e12)}
         profile = trace_summary.summarize(
             trace, PROFILED_STEPS, wall, trace_summary.op_sources(hlo), top=PROFILED_TOP,
-            locations=source_locations(hlo),
+            locations=source_locations(hlo), floors=floors,
         )
 
     device = jax.devices()[0]
@@ -269,7 +286,7 @@ def run_case(
         "peak_memory_gib": _gib(_peak_memory_bytes(device)),
         "compiled_memory_gib": _gib(_compiled_memory_bytes(compiled)),
         # kernels (GPU) or thunks (CPU) one step launches, from the compiled program (dsjax.hlo_launches)
-        "launches_per_step": count_launches(hlo).per_run,
+        "launches_per_step": launches.per_run,
         "loss": loss,
         "steps": steps,
         "warmup": warmup,

@@ -123,12 +123,14 @@ SHORT_OP_US = 5.0
 
 def summarize(
     path: Path, steps: int, wall_sec: float, sources: dict[str, str] | None = None, top: int = 20,
-    locations: dict[str, str] | None = None,
+    locations: dict[str, str] | None = None, floors: dict[str, float] | None = None,
 ) -> dict:
     """Per-step lines and top ops of a trace of `steps` steps that took wall_sec.
 
     sources: op -> the JAX operation (`op_sources`); locations: op -> its Python line
-    (`hlo_launches.source_locations`), which adds `by_source`: ms and kernels per step per line."""
+    (`hlo_launches.source_locations`), which adds `by_source`: ms and kernels per step per line;
+    floors: Python line -> its kernels' floor in seconds per step (`Launches.by_source`), set
+    beside each line's measured time."""
     events, names = load_events(path)
     by_line: dict[tuple[int, int], list[dict]] = collections.defaultdict(list)
     for e in events:
@@ -179,7 +181,8 @@ def summarize(
         # every kernel of the ops line, summed per Python line ("?": ops the program does not place)
         **({"by_source": [
             {"where": where, "ms_per_step": round(sum(durs) / steps / 1e3, 3),
-             "kernels_per_step": round(len(durs) / steps, 1)}
+             "kernels_per_step": round(len(durs) / steps, 1),
+             **({"floor_ms_per_step": round(floors[where] * 1e3, 3)} if floors and where in floors else {})}
             for where, durs in located
         ]} if locations is not None else {}),
     }
@@ -202,9 +205,11 @@ def format_summary(case: str, summary: dict) -> str:
         for r in summary["top_ops"]
     ]
     if summary.get("by_source"):
-        out.append(f"  time per Python line on {summary['ops_line']} (ms/step, kernels/step):")
-        out += [
-            f"  {r['ms_per_step']:9.3f} ms  {r['kernels_per_step']:6.1f}   {r['where']}"
-            for r in summary["by_source"]
-        ]
+        floored = any("floor_ms_per_step" in r for r in summary["by_source"])
+        out.append(f"  time per Python line on {summary['ops_line']} (ms/step, kernels/step"
+                   + (", the kernels' floor ms/step and measured / floor" if floored else "") + "):")
+        for r in summary["by_source"]:
+            floor = r.get("floor_ms_per_step")
+            beside = f"  {floor:8.3f} {r['ms_per_step'] / floor:5.1f}x" if floor else ("  " + " " * 14 if floored else "")
+            out.append(f"  {r['ms_per_step']:9.3f} ms  {r['kernels_per_step']:6.1f}{beside}   {r['where']}")
     return "\n".join(out)

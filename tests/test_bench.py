@@ -96,7 +96,8 @@ def test_trace_summary_of_a_gpu_like_trace(tmp_path):
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": meta + kernels + modules + host}, f)
     summary = trace_summary.summarize(path, steps=2, wall_sec=400e-6, sources={"dot.3": "bwd btd,dv->btv dot_general"},
-                                      locations={"fusion.1": "model/mla.py:58 attention", "fusion.2": "model/mla.py:58 attention"})
+                                      locations={"fusion.1": "model/mla.py:58 attention", "fusion.2": "model/mla.py:58 attention"},
+                                      floors={"model/mla.py:58 attention": 5e-6})
     lines = {r["line"]: r for r in summary["lines"]}
     assert lines["/device:GPU:0 / Stream #13(Compute)"] == {
         "line": "/device:GPU:0 / Stream #13(Compute)", "events_per_step": 3.0, "busy_ms_per_step": 0.023,
@@ -108,14 +109,21 @@ def test_trace_summary_of_a_gpu_like_trace(tmp_path):
     assert summary["top_ops"][2]["source"] == "bwd btd,dv->btv dot_general"
     assert summary["top_ops"][0]["where"] == "model/mla.py:58 attention" and summary["top_ops"][2]["where"] == ""
     # every kernel summed per Python line; an op the program does not place goes under "?"
-    assert summary["by_source"] == [
-        {"where": "model/mla.py:58 attention", "ms_per_step": 0.02, "kernels_per_step": 2.0},
+    assert summary["by_source"] == [  # with the line's floor where one is given (hlo_launches' estimate)
+        {"where": "model/mla.py:58 attention", "ms_per_step": 0.02, "kernels_per_step": 2.0, "floor_ms_per_step": 0.005},
         {"where": "?", "ms_per_step": 0.003, "kernels_per_step": 1.0},
     ]
-    assert "time per Python line" in trace_summary.format_summary("case", summary)
+    text = trace_summary.format_summary("case", summary)
+    assert "time per Python line" in text and "4.0x   model/mla.py:58 attention" in text
     assert "Stream #13(Compute)" in trace_summary.format_summary("case", summary)
     # XLA:CPU's while/call events enclose their bodies' ops: not ops themselves
     assert not trace_summary.is_op({"name": "while.95"}) and trace_summary.is_op({"name": "ynn_fusion.2"})
+
+
+def test_device_tables_match_the_longest_name_first():
+    assert bench.memory_tbps("NVIDIA H200") == 4.8 and bench.memory_tbps("NVIDIA GH200 480GB") == 4.0
+    assert bench.memory_tbps("NVIDIA H100 80GB HBM3") == 3.35 and bench.memory_tbps("cpu") is None
+    assert bench.peak_tflops("NVIDIA H200") == 989.0
 
 
 def test_cpu_op_events_flag_is_added_once(monkeypatch):
