@@ -235,8 +235,9 @@ def main(argv=None) -> int:
     wrong = [a for a in accumulations if a not in ("auto", "scan", "fold")]
     if wrong:
         p.error(f"--accumulation {wrong[0]!r}: choose auto, scan or fold (or a comma list)")
-    if args.top < 0 or args.by_source < 0:
-        p.error(f"--top and --by-source must be >= 0, got {args.top} and {args.by_source}")
+    for flag, value in (("--top", args.top), ("--by-source", args.by_source)):
+        if value < 0:
+            p.error(f"{flag} must be >= 0, got {value}")
     if args.rows < 1 or args.new_tokens < 1:
         p.error(f"--rows and --new-tokens must be >= 1, got {args.rows} and {args.new_tokens}")
 

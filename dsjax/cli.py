@@ -1234,7 +1234,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--keep-going", action="store_true", help="record a failing case as an error row and go on")
     bn.add_argument("--profile", metavar="DIR", help="after timing, trace 3 more steps per case into DIR/<case>/ with "
                     "jax.profiler and print where the time went: events and busy ms per step on each device stream "
-                    "or thread against the wall time, and the top ops with the JAX operation that made each")
+                    "or thread against the wall time; the top ops with the JAX operation and Python line that made "
+                    "each; then the time per Python line, every kernel counted (on an H100/H200 beside each line's "
+                    "floor: its bytes at full bandwidth or GEMM FLOPs at peak, and measured / floor). Kernels whose "
+                    "line the program does not record (XLA's copies, loop plumbing) are summed under '?'")
     bmesh = bn.add_argument_group("device mesh")
     bmesh.add_argument("--gpus", type=int, help="total devices to use (default: all)")
     for axis in ("pp", "dp", "tp", "ep", "sp"):

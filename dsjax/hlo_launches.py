@@ -50,10 +50,12 @@ class Launch:
     bytes_moved: int
     gemm_flops: int
     source: str  # `folder/file.py:LINE function` of the Python line that made it ("" if unrecorded)
+    fp32_gemm: bool = False  # a library GEMM of fp32 operands: TF32 on a GPU at DEFAULT precision, half bf16's rate
 
     def floor_seconds(self, bandwidth: float, peak_flops: float) -> float:
-        """One launch's lower bound: its bytes at full bandwidth or its GEMM FLOPs at peak, whichever is slower."""
-        return max(self.bytes_moved / bandwidth, self.gemm_flops / peak_flops)
+        """One launch's lower bound: its bytes at full bandwidth or its GEMM FLOPs at peak (bf16's; half
+        of it for an fp32 GEMM, as TF32 runs on an H100 or H200), whichever is slower."""
+        return max(self.bytes_moved / bandwidth, self.gemm_flops / (peak_flops / 2 if self.fp32_gemm else peak_flops))
 
 
 @dataclass
@@ -300,14 +302,15 @@ def count_launches(hlo_text: str, group_depth: int = 3) -> Launches:
             out.bytes_moved += moved * times
             out.bytes_by_op[group] += moved * times
             called = re.search(r"calls=%?([\w.\-]+)", rest)
-            flops = 0
+            flops, fp32 = 0, False
             if called and "gemm" in kind:
                 flops = _dot_flops(called.group(1), comps, shapes)
             elif "cublas" in kind:  # a library GEMM: its dimensions are in the backend config
                 flops = _cublas_flops(m.group(1), rest, shapes)
+                fp32 = shapes.get((operand_names(rest) or [""])[0], "").startswith("f32[")
             out.gemm_flops += flops * times
             instruction = _NAME.match(line).group(1)
-            out.launches.append(Launch(instruction, kind, times, moved, flops, sources.get(instruction, "")))
+            out.launches.append(Launch(instruction, kind, times, moved, flops, sources.get(instruction, ""), fp32))
 
     if entry is not None:
         walk(entry, 1, ())

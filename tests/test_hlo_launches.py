@@ -85,6 +85,13 @@ def test_memory_moved_and_gemm_flops_by_hand():
     assert gemms.bytes_moved == (a + b + out) + (a + b + out + 1024)  # cuBLAS's workspace is an output too
     assert gemms.gemm_flops == 2 * (2 * 64 * 16 * 32)
     assert gemms.bytes_by_op["dot_general"] == a + b + out
+    # the same cuBLAS call on fp32 operands is floored at half the peak (TF32 on an H100 or H200)
+    assert [x.fp32_gemm for x in gemms.launches] == [False, False]
+    fp32 = count_launches(GEMM_MODULE.replace("%a = bf16", "%a = f32").replace("%b = bf16", "%b = f32"))
+    cublas_bf16, cublas_fp32 = gemms.launches[1], fp32.launches[1]
+    assert cublas_fp32.fp32_gemm and cublas_fp32.gemm_flops == cublas_bf16.gemm_flops
+    huge = float("inf")  # bandwidth: only the FLOPs bound
+    assert cublas_fp32.floor_seconds(huge, 1e6) == 2 * cublas_bf16.floor_seconds(huge, 1e6)
 
 
 def test_a_scan_compiled_here_counts_its_body_per_trip():
