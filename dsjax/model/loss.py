@@ -162,8 +162,8 @@ def _nll_with_gradients_in_forward(chunks, norm_scale, head_DV, eps: float, one_
             nll_C, log_z_C1, is_target_CV = _chunk_nll(logits_CV, t_C, one_pass)
             # d(sum w * nll) / d logits = w * (softmax - onehot(target)), by default kept in fp32 for both
             # matmuls as autodiff keeps it (TF32 GEMMs on a GPU). Rounded to bf16 it adds little to bf16's
-            # own gradient error (nano's README checkpoint: 2.070% against 2.064% for TF32), but six
-            # seeds of bf16 `nano` ended 100 steps 0.021 higher in val loss on average (BENCHMARKS.md)
+            # own gradient error (nano's README checkpoint: 2.070% against 2.064% for TF32) and to val
+            # loss (+0.005 +- 0.007 after 100 bf16 steps, 14 seeds); its speed is unmeasured (BENCHMARKS.md)
             d_logits_CV = w_C[:, None] * (jnp.exp(logits_CV - log_z_C1) - is_target_CV)
             if round_gradient:  # compute-dtype GEMMs, fp32 sums
                 d_logits_CV = d_logits_CV.astype(compute)
