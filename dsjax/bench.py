@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from dsjax.config import Config, ModelConfig
-from dsjax.hlo_launches import count_launches, source_locations
+from dsjax.hlo_launches import count_launches
 
 # bf16 dense peak TFLOP/s by device kind (vendors' datasheets, no sparsity); matched by substring
 PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -239,14 +239,15 @@ def run_case(
 
         trace, wall = trace_summary.record(traced_steps, profile_folder(profile_root, case))
         # each line's floor beside its measured time: the kernels' bytes at the device's bandwidth or
-        # their GEMM FLOPs at its bf16 peak, whichever is slower, + 2 us each (hlo_launches.by_source)
-        bandwidth, flops_peak = memory_tbps(jax.devices()[0].device_kind), peak_tflops(jax.devices()[0].device_kind)
+        # their GEMM FLOPs at its peak, whichever is slower, + 2 us each (Launches.by_source)
+        kind = jax.devices()[0].device_kind
+        bandwidth, flops_peak = memory_tbps(kind), peak_tflops(kind, peak_override)
         floors = None
         if bandwidth and flops_peak:
-            floors = {r["source"] or "?": r["estimate_s"] for r in launches.by_source(bandwidth * 1e12, flops_peak * 1e12)}
+            floors = {r["source"]: r["estimate_s"] for r in launches.by_source(bandwidth * 1e12, flops_peak * 1e12)}
         profile = trace_summary.summarize(
             trace, PROFILED_STEPS, wall, trace_summary.op_sources(hlo), top=PROFILED_TOP,
-            locations=source_locations(hlo), floors=floors,
+            locations={x.name: x.source for x in launches.launches if x.source}, floors=floors,
         )
 
     device = jax.devices()[0]
